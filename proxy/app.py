@@ -1,0 +1,155 @@
+"""Builds the aiohttp Application from Settings and runs it.
+
+Expensive resources (TLS context, credential, token source, upstream connection pool) are made in one
+start-up hook and closed in the matching clean-up, so building an app is cheap and side-effect free.
+"""
+
+from __future__ import annotations
+
+import logging
+import ssl
+from collections.abc import AsyncIterator, Awaitable, Callable
+
+import aiohttp
+from aiohttp import web
+from azure.core.credentials_async import AsyncSupportsTokenInfo
+
+from .credentials import build_credential
+from .errors import ProxyError, error_response
+from .forward import Forwarder
+from .observe import AccessLogger, Readiness, health
+from .settings import Settings
+from .tokens import TokenSource
+
+logger = logging.getLogger("proxy")
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+# Large reads keep the per-chunk Python work small on multi-GiB retrieves while bounding memory per
+# connection to a few MiB.
+READ_BUFFER = 1024 * 1024
+# Header limits (aiohttp's defaults are 8 KiB); DICOMweb requests carry short headers.
+MAX_LINE_SIZE = 16 * 1024
+MAX_FIELD_SIZE = 16 * 1024
+
+TOKEN_SOURCE = web.AppKey("token_source", TokenSource)
+FORWARDER = web.AppKey("forwarder", Forwarder)
+READINESS = web.AppKey("readiness", Readiness)
+
+
+@web.middleware
+async def error_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """The one place where the proxy's own errors become the DESIGN's JSON bodies."""
+    try:
+        return await handler(request)
+    except ProxyError as error:
+        logger.warning(
+            "%s %s -> %d %s: %s", request.method, request.path, error.status, error.code, error.detail
+        )
+        return error_response(error)
+
+
+def build_app(
+    settings: Settings,
+    *,
+    credential: AsyncSupportsTokenInfo | None = None,
+    session: aiohttp.ClientSession | None = None,
+) -> web.Application:
+    """The proxy as an Application; `credential` and `session` replace the real ones when given."""
+    app = web.Application(middlewares=[error_middleware])
+
+    async def resources(app: web.Application) -> AsyncIterator[None]:
+        own_credential = credential or build_credential(settings)
+        tokens = TokenSource(
+            own_credential,
+            settings.scope,
+            tenant=settings.tenant,
+            credential_name=settings.credential,
+            refresh_margin=settings.refresh_margin,
+        )
+        own_session = session or upstream_session(settings)
+        app[TOKEN_SOURCE] = tokens
+        app[FORWARDER] = Forwarder(settings, session=own_session, tokens=tokens)
+        app[READINESS] = Readiness(tokens)
+        await tokens.start()
+        log_banner(settings)
+        yield
+        await tokens.close()
+        if session is None:
+            await own_session.close()
+        if credential is None:
+            await own_credential.close()
+
+    app.cleanup_ctx.append(resources)
+    app.router.add_get("/-/health", health)
+    app.router.add_get("/-/ready", _ready)
+    app.router.add_route("*", "/-/{tail:.*}", _no_such_local_endpoint)
+    app.router.add_route("*", "/{tail:.*}", _forward)
+    return app
+
+
+async def _forward(request: web.Request) -> web.StreamResponse:
+    return await request.app[FORWARDER](request)
+
+
+async def _ready(request: web.Request) -> web.StreamResponse:
+    return await request.app[READINESS](request)
+
+
+async def _no_such_local_endpoint(request: web.Request) -> web.StreamResponse:
+    return web.json_response(
+        {
+            "error": "not_found",
+            "detail": f"{request.path} is not a local endpoint; /-/ is reserved for the proxy",
+            "hint": "Local endpoints: /-/health, /-/ready.",
+        },
+        status=404,
+    )
+
+
+def upstream_session(settings: Settings) -> aiohttp.ClientSession:
+    """The pooled client for the upstream: no cookie jar, no decompression, no redirects, no total timeout."""
+    tls = ssl.create_default_context()
+    if settings.ca_bundle is not None:
+        tls.load_verify_locations(cafile=str(settings.ca_bundle))
+    return aiohttp.ClientSession(
+        connector=aiohttp.TCPConnector(ssl=tls, limit=0, enable_cleanup_closed=False),
+        cookie_jar=aiohttp.DummyCookieJar(),
+        auto_decompress=False,
+        # Without this aiohttp would add Accept-Encoding: gzip (and others) the client never asked for.
+        skip_auto_headers=("Accept", "Accept-Encoding", "User-Agent", "Content-Type"),
+        timeout=aiohttp.ClientTimeout(
+            total=None, connect=settings.connect_timeout, sock_read=settings.read_timeout
+        ),
+        read_bufsize=READ_BUFFER,
+        # Proxies are resolved once into Settings.upstream_proxy; trust_env would also read ~/.netrc and
+        # could put Basic credentials where the bearer token belongs.
+        trust_env=False,
+    )
+
+
+def log_banner(settings: Settings) -> None:
+    logger.info(
+        "dicom-auth-proxy serving %s -> %s (credential: %s, audience: %s)",
+        settings.local_url,
+        settings.upstream,
+        settings.credential,
+        settings.audience,
+    )
+
+
+def run(settings: Settings) -> None:
+    """Serve until SIGINT/SIGTERM; in-flight requests get `shutdown_timeout` to finish."""
+    web.run_app(
+        build_app(settings),
+        host=settings.listen_host,
+        port=settings.listen_port,
+        print=None,
+        access_log_class=AccessLogger,
+        handler_cancellation=True,
+        shutdown_timeout=30.0,
+        max_line_size=MAX_LINE_SIZE,
+        max_field_size=MAX_FIELD_SIZE,
+        read_bufsize=READ_BUFFER,
+        auto_decompress=False,
+    )

@@ -1,0 +1,100 @@
+"""Command line: `dicom-auth-proxy serve|check [options]`.
+
+This module only maps options onto Settings (flags > DICOM_PROXY_* environment > --config file >
+defaults, merged in settings.py) and hands them to the part that does the work.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+from . import __version__
+from .errors import ConfigurationError
+from .settings import CREDENTIAL_KINDS, LOG_FORMATS, Settings, build_settings
+
+
+def parser() -> argparse.ArgumentParser:
+    top = argparse.ArgumentParser(
+        prog="dicom-auth-proxy",
+        description="Local authenticating proxy for the Azure Health Data Services DICOM service.",
+    )
+    top.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    commands = top.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    for name, help_text in (
+        ("serve", "run the proxy"),
+        ("check", "diagnose az sign-in, the token and the upstream"),
+    ):
+        _add_options(commands.add_parser(name, help=help_text, description=help_text))
+    return top
+
+
+def _add_options(command: argparse.ArgumentParser) -> None:
+    add = command.add_argument
+    add("--config", metavar="FILE", help="TOML file with the settings below (env DICOM_PROXY_CONFIG)")
+    add("--upstream", metavar="URL", help="DICOM service base URL (env DICOM_PROXY_UPSTREAM; required)")
+    add("--listen", metavar="HOST:PORT", help="where to listen (default 127.0.0.1:8080)")
+    add("--credential", choices=CREDENTIAL_KINDS, help="azure-identity credential (default cli)")
+    add("--tenant", metavar="ID", help="tenant to request the token from")
+    add("--audience", metavar="URL", help="token resource (default https://dicom.healthcareapis.azure.com)")
+    add("--ca-bundle", metavar="FILE", help="extra CA certificates for the upstream's TLS")
+    add(
+        "--read-only", action="store_true", default=None, help="only GET, HEAD and OPTIONS reach the upstream"
+    )
+    add(
+        "--cors-origin", dest="cors_origins", action="append", metavar="ORIGIN", help="allowed browser origin"
+    )
+    add("--allow-host", dest="allowed_hosts", action="append", metavar="NAME", help="extra accepted Host")
+    add("--access-key-file", metavar="FILE", help="file holding the key local clients must present")
+    add(
+        "--allow-unauthenticated-remote",
+        action="store_true",
+        default=None,
+        help="listen on a non-loopback address without an access key: anyone who reaches it acts as you",
+    )
+    add(
+        "--insecure-upstream",
+        action="store_true",
+        default=None,
+        help="allow a plain http:// upstream on another machine: the token crosses the network in clear",
+    )
+    add("--log-format", choices=LOG_FORMATS, help="text (default) or json")
+    add("--connect-timeout", metavar="SECONDS", type=float, help="upstream connect timeout (default 10)")
+    add("--read-timeout", metavar="SECONDS", type=float, help="upstream idle read timeout (default 300)")
+
+
+def load_settings(arguments: argparse.Namespace, environ: Mapping[str, str]) -> Settings:
+    flags: dict[str, Any] = {key: value for key, value in vars(arguments).items() if key != "command"}
+    return build_settings(flags, environ)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    arguments = parser().parse_args(argv)
+    try:
+        settings = load_settings(arguments, os.environ)
+    except ConfigurationError as error:
+        print(f"dicom-auth-proxy: error: {error.detail}", file=sys.stderr)
+        return 2
+
+    from .observe import configure_logging
+
+    configure_logging(settings.log_format)
+    if arguments.command == "check":
+        print("dicom-auth-proxy: 'check' is not available yet", file=sys.stderr)
+        return 2
+
+    from .app import run
+
+    try:
+        run(settings)
+    except OSError as error:
+        print(
+            f"dicom-auth-proxy: error: cannot listen on {settings.listen_host}:{settings.listen_port}: "
+            f"{error.strerror}",
+            file=sys.stderr,
+        )
+        return 1
+    return 0

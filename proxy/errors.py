@@ -1,0 +1,100 @@
+"""The proxy's own errors, each knowing the status and JSON body a client gets.
+
+    ProxyError                      (500) anything the proxy itself refuses or fails at
+     ├── ConfigurationError         bad settings; the CLI prints one line and exits 2 (never sent over HTTP)
+     ├── TokenUnavailable           (503) no token can be had from the credential
+     ├── UpstreamUnreachable        (502) the upstream cannot be connected to or broke before answering
+     ├── UpstreamTimeout            (504) the upstream did not answer in time
+     ├── RequestRefused             (400) a request the proxy will not forward (bad target, bad framing)
+     ├── PolicyRefused              (403) a request the policy forbids
+     ├── HostNotAllowed             (421) a Host header outside the allowlist
+     └── AccessKeyRequired          (401) the local access key is missing or wrong
+
+Errors of azure-identity and aiohttp are translated into these at their boundary (tokens.py, forward.py),
+and `error_response()` is the single place where they become HTTP responses.
+"""
+
+from __future__ import annotations
+
+import json
+
+from aiohttp import web
+
+
+class ProxyError(Exception):
+    """Base of the tree; `code` is the short machine-readable name in the JSON body."""
+
+    status = 500
+    code = "internal_error"
+    hint = "This is a bug in dicom-auth-proxy; please report it with the log lines around it."
+
+    def __init__(self, detail: str, *, hint: str | None = None) -> None:
+        super().__init__(detail)
+        self.detail = detail
+        if hint is not None:
+            self.hint = hint
+
+    def body(self) -> dict[str, str]:
+        return {"error": self.code, "detail": self.detail, "hint": self.hint}
+
+
+class ConfigurationError(ProxyError):
+    code = "configuration_error"
+    hint = "Run 'dicom-auth-proxy serve --help' for the accepted options."
+
+
+class TokenUnavailable(ProxyError):
+    status = 503
+    code = "token_unavailable"
+    hint = (
+        "Sign in with 'az login' (and 'az account set --subscription ...' if needed), "
+        "then retry; run 'dicom-auth-proxy check' to diagnose."
+    )
+
+
+class UpstreamUnreachable(ProxyError):
+    status = 502
+    code = "upstream_unreachable"
+    hint = "Check the --upstream URL, your network, HTTPS_PROXY/NO_PROXY and --ca-bundle."
+
+
+class UpstreamTimeout(ProxyError):
+    status = 504
+    code = "upstream_timeout"
+    hint = "The DICOM service is slow or unreachable; retry, or check your network."
+
+
+class RequestRefused(ProxyError):
+    status = 400
+    code = "bad_request"
+    hint = "Send an origin-form request such as 'GET /v2/studies HTTP/1.1' to the proxy."
+
+
+class PolicyRefused(ProxyError):
+    status = 403
+    code = "forbidden"
+    hint = "The proxy's policy (for example --read-only) does not allow this request."
+
+
+class HostNotAllowed(ProxyError):
+    status = 421
+    code = "host_not_allowed"
+    hint = "Use http://localhost:<port>, or add this name with --allow-host."
+
+
+class AccessKeyRequired(ProxyError):
+    status = 401
+    code = "access_key_required"
+    hint = "Send the proxy's access key as the Basic auth password or in the X-Dicom-Proxy-Key header."
+
+
+def error_response(error: ProxyError) -> web.Response:
+    """The one place a ProxyError becomes what the client sees."""
+    response = web.Response(
+        status=error.status,
+        body=json.dumps(error.body()).encode(),
+        content_type="application/json",
+    )
+    if isinstance(error, AccessKeyRequired):
+        response.headers["WWW-Authenticate"] = 'Basic realm="dicom-auth-proxy"'
+    return response

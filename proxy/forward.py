@@ -1,0 +1,137 @@
+"""The streaming forwarder: one client request becomes one upstream request with the token added.
+
+Bodies flow through in bounded pieces in both directions, with backpressure from whichever side is
+slower. A 401 from the upstream invalidates the token and, when the request body can be sent again, the
+request is retried once with a fresh token.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from urllib.parse import unquote
+
+import aiohttp
+from aiohttp import web
+from yarl import URL
+
+from .errors import RequestRefused, UpstreamTimeout, UpstreamUnreachable
+from .headers import client_response_headers, upstream_request_headers
+from .settings import Settings
+from .tokens import TokenSource
+
+logger = logging.getLogger("proxy.forward")
+
+Body = bytes | aiohttp.StreamReader | None
+
+_SEGMENT_SEPARATORS = re.compile(r"[/\\]")
+
+
+class Forwarder:
+    """The catch-all handler: everything that is not a local endpoint goes through here."""
+
+    def __init__(self, settings: Settings, *, session: aiohttp.ClientSession, tokens: TokenSource) -> None:
+        self._settings = settings
+        self._session = session
+        self._tokens = tokens
+        self._origin = str(settings.upstream.origin())
+        self._base_path = settings.upstream.raw_path.rstrip("/")
+        self._proxy = settings.upstream_proxy
+
+    def upstream_url(self, raw_target: str) -> URL:
+        """The upstream URL for a raw origin-form target, byte for byte, never above the base path."""
+        if not raw_target.startswith("/"):
+            raise RequestRefused(
+                f"request target {raw_target[:100]!r} is not a path; this is not an open proxy"
+            )
+        path = raw_target.split("?", 1)[0]
+        if any(segment in (".", "..") for segment in _SEGMENT_SEPARATORS.split(unquote(path))):
+            raise RequestRefused(
+                "the path contains '.' or '..' segments, which could climb above the base path"
+            )
+        return URL(self._origin + self._base_path + raw_target, encoded=True)
+
+    async def __call__(self, request: web.Request) -> web.StreamResponse:
+        url = self.upstream_url(request.raw_path)
+        body = await self._request_body(request)
+        token = await self._tokens.get()
+        upstream = await self._send(request, url, token, body)
+        if upstream.status == 401:
+            self._tokens.invalidate(token)
+            if not isinstance(body, aiohttp.StreamReader):
+                upstream.release()
+                logger.info("upstream refused the token (401); retrying once with a fresh token")
+                token = await self._tokens.get()
+                upstream = await self._send(request, url, token, body)
+        try:
+            return await self._relay(request, upstream)
+        finally:
+            upstream.close()
+
+    async def _request_body(self, request: web.Request) -> Body:
+        """Small bodies are buffered so a 401 can be retried; anything larger or unsized streams."""
+        if not request.body_exists:
+            return None
+        length = request.content_length
+        if length is not None and length <= self._settings.replay_limit:
+            return await request.read()
+        return request.content
+
+    async def _send(self, request: web.Request, url: URL, token: str, body: Body) -> aiohttp.ClientResponse:
+        headers = upstream_request_headers(
+            request.headers,
+            token=token,
+            client_address=request.remote,
+            client_scheme=request.scheme,
+            client_host=request.host,
+        )
+        try:
+            return await self._session.request(
+                request.method,
+                url,
+                headers=headers,
+                data=body,
+                allow_redirects=False,
+                proxy=self._proxy,
+            )
+        except aiohttp.ClientSSLError as exc:
+            raise UpstreamUnreachable(
+                f"TLS with {url.host} failed: {exc}",
+                hint="If your network inspects TLS, pass its CA with --ca-bundle.",
+            ) from exc
+        except (TimeoutError, aiohttp.ServerTimeoutError) as exc:
+            raise UpstreamTimeout(f"{url.host} did not answer within the timeout") from exc
+        except aiohttp.ClientError as exc:
+            raise UpstreamUnreachable(f"cannot reach {url.host}: {exc or type(exc).__name__}") from exc
+
+    async def _relay(self, request: web.Request, upstream: aiohttp.ClientResponse) -> web.StreamResponse:
+        response = web.StreamResponse(
+            status=upstream.status,
+            reason=upstream.reason,
+            headers=client_response_headers(upstream.headers),
+        )
+        await response.prepare(request)
+        while True:
+            try:
+                chunk = await upstream.content.readany()
+            except (TimeoutError, aiohttp.ClientError) as exc:
+                # Close instead of finishing the response: a client must never take a cut body for whole.
+                logger.warning(
+                    "upstream broke off %s %s mid-body (%s); closing the client connection",
+                    request.method,
+                    request.path,
+                    type(exc).__name__,
+                )
+                if request.transport is not None:
+                    request.transport.close()
+                return response
+            if not chunk:
+                break
+            try:
+                await response.write(chunk)
+            except ConnectionResetError:
+                # The client went away; leaving closes the upstream connection, which cancels its side.
+                logger.info("client went away during %s %s", request.method, request.path)
+                return response
+        await response.write_eof()
+        return response

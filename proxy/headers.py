@@ -1,0 +1,78 @@
+"""Pure header functions: what crosses the proxy in each direction, and what it adds.
+
+Kept free of I/O so that every rule can be tested with plain dictionaries.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+from multidict import CIMultiDict, CIMultiDictProxy
+
+# RFC 9110 section 7.6.1, plus the de-facto members that proxies drop as well.
+HOP_BY_HOP = frozenset(
+    {
+        "connection",
+        "keep-alive",
+        "proxy-authenticate",
+        "proxy-authorization",
+        "proxy-connection",
+        "te",
+        "trailer",
+        "transfer-encoding",
+        "upgrade",
+    }
+)
+
+# Client credentials meant for the proxy (or for nobody) that must never reach the service.
+CLIENT_SECRETS = frozenset({"authorization", "cookie", "x-dicom-proxy-key"})
+
+# Set by the proxy itself, so whatever the client sent is replaced rather than trusted.
+REPLACED_ON_THE_WAY_UP = frozenset(
+    {"host", "expect", "forwarded", "x-forwarded-for", "x-forwarded-proto", "x-forwarded-host"}
+)
+
+Headers = CIMultiDictProxy[str] | CIMultiDict[str]
+
+
+def connection_tokens(headers: Headers) -> set[str]:
+    """Header names listed in Connection, which are hop-by-hop for this one connection (RFC 9110 7.6.1)."""
+    names: set[str] = set()
+    for value in headers.getall("Connection", []):
+        names.update(token.strip().lower() for token in value.split(",") if token.strip())
+    return names
+
+
+def _copy_except(headers: Headers, dropped: Iterable[str]) -> CIMultiDict[str]:
+    drop = set(dropped) | HOP_BY_HOP | connection_tokens(headers)
+    return CIMultiDict((name, value) for name, value in headers.items() if name.lower() not in drop)
+
+
+def upstream_request_headers(
+    incoming: Headers,
+    *,
+    token: str,
+    client_address: str | None,
+    client_scheme: str,
+    client_host: str | None,
+) -> CIMultiDict[str]:
+    """Headers for the upstream request: the client's, minus hop-by-hop and secrets, plus the token.
+
+    Host is left out so that the HTTP client writes the upstream's own.
+    """
+    headers = _copy_except(incoming, CLIENT_SECRETS | REPLACED_ON_THE_WAY_UP)
+    headers["Authorization"] = f"Bearer {token}"
+    if client_address:
+        headers["X-Forwarded-For"] = client_address
+    headers["X-Forwarded-Proto"] = client_scheme
+    if client_host:
+        headers["X-Forwarded-Host"] = client_host
+    return headers
+
+
+def client_response_headers(upstream: Headers) -> CIMultiDict[str]:
+    """Headers for the client's response: the upstream's, minus hop-by-hop ones.
+
+    Set-Cookie passes: the proxy keeps no cookie jar, so a service cookie belongs to the client.
+    """
+    return _copy_except(upstream, ())

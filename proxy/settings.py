@@ -1,0 +1,333 @@
+"""Settings: every knob of the proxy, merged once from flags > environment > config file > defaults.
+
+The CLI parses flags and hands them here with the environment; nothing else in the package reads the
+environment or the config file, and everything downstream receives the frozen `Settings`.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import re
+import tomllib
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+# Untyped in typeshed, but public and documented; it reads only the mapping it is given.
+from urllib.request import proxy_bypass_environment  # type: ignore[attr-defined]
+
+from yarl import URL
+
+from .errors import ConfigurationError
+
+DEFAULT_AUDIENCE = "https://dicom.healthcareapis.azure.com"
+DEFAULT_LISTEN = "127.0.0.1:8080"
+CREDENTIAL_KINDS = ("cli", "default", "environment", "managed-identity", "workload-identity")
+LOG_FORMATS = ("text", "json")
+LOOPBACK_NAMES = ("localhost", "127.0.0.1", "[::1]")
+
+_TRUE = {"1", "true", "yes", "on"}
+_FALSE = {"0", "false", "no", "off", ""}
+_TENANT = re.compile(r"^[0-9A-Za-z.-]+$")
+
+
+@dataclass(frozen=True)
+class Settings:
+    """One validated, immutable view of the configuration; build it with `build_settings()`."""
+
+    upstream: URL
+    listen_host: str = "127.0.0.1"
+    listen_port: int = 8080
+    credential: str = "cli"
+    tenant: str | None = None
+    audience: str = DEFAULT_AUDIENCE
+    ca_bundle: Path | None = None
+    read_only: bool = False
+    cors_origins: tuple[str, ...] = ()
+    allowed_hosts: tuple[str, ...] = LOOPBACK_NAMES
+    access_key: str | None = field(default=None, repr=False)
+    allow_unauthenticated_remote: bool = False
+    insecure_upstream: bool = False
+    log_format: str = "text"
+    # From HTTPS_PROXY/HTTP_PROXY unless NO_PROXY exempts the upstream; decided once, here.
+    upstream_proxy: URL | None = None
+    connect_timeout: float = 10.0
+    # Idle time between two reads from the upstream; there is deliberately no total timeout, which
+    # would cut a long WADO-RS retrieve of a large study.
+    read_timeout: float = 300.0
+    # Request bodies up to this size are buffered so that a 401 can be retried with a fresh token.
+    replay_limit: int = 1024 * 1024
+    # Refresh this long before expiry when the credential gives no refresh_on (azure-core uses 300 s).
+    refresh_margin: float = 300.0
+    az_timeout: int = 10
+
+    @property
+    def scope(self) -> str:
+        return self.audience.rstrip("/") + "/.default"
+
+    @property
+    def local_url(self) -> str:
+        host = self.listen_host
+        if host in ("0.0.0.0", "::", ""):
+            host = "localhost"
+        elif ":" in host:
+            host = f"[{host}]"
+        return f"http://{host}:{self.listen_port}"
+
+
+@dataclass(frozen=True)
+class Option:
+    """One setting as it is spelled on each source."""
+
+    name: str
+    flag: str
+    env: str
+    kind: str = "str"  # str | bool | list | float | int
+
+
+OPTIONS = (
+    Option("upstream", "--upstream", "DICOM_PROXY_UPSTREAM"),
+    Option("listen", "--listen", "DICOM_PROXY_LISTEN"),
+    Option("credential", "--credential", "DICOM_PROXY_CREDENTIAL"),
+    Option("tenant", "--tenant", "DICOM_PROXY_TENANT"),
+    Option("audience", "--audience", "DICOM_PROXY_AUDIENCE"),
+    Option("ca_bundle", "--ca-bundle", "DICOM_PROXY_CA_BUNDLE"),
+    Option("read_only", "--read-only", "DICOM_PROXY_READ_ONLY", "bool"),
+    Option("cors_origins", "--cors-origin", "DICOM_PROXY_CORS_ORIGINS", "list"),
+    Option("allowed_hosts", "--allow-host", "DICOM_PROXY_ALLOWED_HOSTS", "list"),
+    Option("access_key", "--access-key", "DICOM_PROXY_ACCESS_KEY"),
+    Option("access_key_file", "--access-key-file", "DICOM_PROXY_ACCESS_KEY_FILE"),
+    Option(
+        "allow_unauthenticated_remote",
+        "--allow-unauthenticated-remote",
+        "DICOM_PROXY_ALLOW_UNAUTHENTICATED_REMOTE",
+        "bool",
+    ),
+    Option("insecure_upstream", "--insecure-upstream", "DICOM_PROXY_INSECURE_UPSTREAM", "bool"),
+    Option("log_format", "--log-format", "DICOM_PROXY_LOG_FORMAT"),
+    Option("connect_timeout", "--connect-timeout", "DICOM_PROXY_CONNECT_TIMEOUT", "float"),
+    Option("read_timeout", "--read-timeout", "DICOM_PROXY_READ_TIMEOUT", "float"),
+)
+CONFIG_FLAG, CONFIG_ENV = "--config", "DICOM_PROXY_CONFIG"
+
+
+def build_settings(flags: Mapping[str, Any], environ: Mapping[str, str]) -> Settings:
+    """Merge the sources (flag > env > file > default) and validate; raise ConfigurationError."""
+    config_path = flags.get("config") or environ.get(CONFIG_ENV) or None
+    file_values = read_config_file(Path(config_path)) if config_path else {}
+    known = {option.name for option in OPTIONS}
+    unknown = sorted(set(file_values) - known)
+    if unknown:
+        raise ConfigurationError(f"{config_path}: unknown key(s) {', '.join(unknown)}")
+
+    raw: dict[str, Any] = {}
+    for option in OPTIONS:
+        value = flags.get(option.name)
+        if value is not None and value != []:
+            raw[option.name] = value
+        elif option.env in environ:
+            raw[option.name] = _from_text(option, environ[option.env])
+        elif option.name in file_values:
+            raw[option.name] = _from_file(option, file_values[option.name], str(config_path))
+    return _validate(raw, environ)
+
+
+def read_config_file(path: Path) -> dict[str, Any]:
+    try:
+        with path.open("rb") as handle:
+            return tomllib.load(handle)
+    except OSError as exc:
+        raise ConfigurationError(f"--config: cannot read {path}: {exc.strerror}") from exc
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigurationError(f"--config: {path} is not valid TOML: {exc}") from exc
+
+
+def _from_text(option: Option, text: str) -> Any:
+    if option.kind == "bool":
+        lowered = text.strip().lower()
+        if lowered in _TRUE:
+            return True
+        if lowered in _FALSE:
+            return False
+        raise ConfigurationError(f"{option.env}: expected true or false, got {text!r}")
+    if option.kind == "list":
+        return [item.strip() for item in text.split(",") if item.strip()]
+    return text
+
+
+def _from_file(option: Option, value: Any, where: str) -> Any:
+    expected: dict[str, Callable[[Any], bool]] = {
+        "bool": lambda v: isinstance(v, bool),
+        "list": lambda v: isinstance(v, list) and all(isinstance(item, str) for item in v),
+        "float": lambda v: isinstance(v, int | float) and not isinstance(v, bool),
+        "str": lambda v: isinstance(v, str),
+    }
+    if isinstance(value, str) and option.kind == "list":
+        return _from_text(option, value)
+    if not expected[option.kind](value):
+        raise ConfigurationError(f"{where}: key {option.name} must be a {option.kind}, got {value!r}")
+    return value
+
+
+def _validate(raw: Mapping[str, Any], environ: Mapping[str, str]) -> Settings:
+    insecure_upstream = bool(raw.get("insecure_upstream", False))
+    upstream = _upstream_url(raw.get("upstream"), insecure_upstream)
+    listen_host, listen_port = parse_listen(str(raw.get("listen", DEFAULT_LISTEN)))
+
+    credential = str(raw.get("credential", "cli"))
+    if credential not in CREDENTIAL_KINDS:
+        raise ConfigurationError(
+            f"--credential: unknown credential {credential!r}; choose one of {', '.join(CREDENTIAL_KINDS)}"
+        )
+    tenant = raw.get("tenant") or None
+    if tenant is not None and not _TENANT.match(tenant):
+        raise ConfigurationError(f"--tenant: {tenant!r} is not a tenant ID or domain")
+
+    audience = str(raw.get("audience", DEFAULT_AUDIENCE))
+    if URL(audience).scheme != "https" or not URL(audience).host:
+        raise ConfigurationError(f"--audience: {audience!r} must be an https:// URL")
+
+    ca_bundle = Path(raw["ca_bundle"]) if raw.get("ca_bundle") else None
+    if ca_bundle is not None and not ca_bundle.is_file():
+        raise ConfigurationError(f"--ca-bundle: {ca_bundle} is not a readable file")
+
+    log_format = str(raw.get("log_format", "text"))
+    if log_format not in LOG_FORMATS:
+        raise ConfigurationError(f"--log-format: expected text or json, got {log_format!r}")
+
+    access_key = _access_key(raw)
+    allow_remote = bool(raw.get("allow_unauthenticated_remote", False))
+    if not is_loopback(listen_host) and access_key is None and not allow_remote:
+        raise ConfigurationError(
+            f"--listen: {listen_host} is reachable from other machines; set an access key "
+            "(--access-key-file or DICOM_PROXY_ACCESS_KEY) or pass --allow-unauthenticated-remote"
+        )
+
+    cors_origins = tuple(_cors_origin(origin) for origin in raw.get("cors_origins", []))
+    allowed_hosts = _allowed_hosts(raw.get("allowed_hosts", []), listen_host)
+
+    return Settings(
+        upstream=upstream,
+        listen_host=listen_host,
+        listen_port=listen_port,
+        credential=credential,
+        tenant=tenant,
+        audience=audience,
+        ca_bundle=ca_bundle,
+        read_only=bool(raw.get("read_only", False)),
+        cors_origins=cors_origins,
+        allowed_hosts=allowed_hosts,
+        access_key=access_key,
+        allow_unauthenticated_remote=allow_remote,
+        insecure_upstream=insecure_upstream,
+        log_format=log_format,
+        upstream_proxy=_environment_proxy(upstream, environ),
+        connect_timeout=_positive(raw, "connect_timeout", 10.0),
+        read_timeout=_positive(raw, "read_timeout", 300.0),
+    )
+
+
+def _upstream_url(value: Any, insecure: bool) -> URL:
+    if not value:
+        raise ConfigurationError(
+            "--upstream: required (or set DICOM_PROXY_UPSTREAM), e.g. "
+            "https://<workspace>-<service>.dicom.azurehealthcareapis.com"
+        )
+    try:
+        url = URL(str(value))
+    except ValueError as exc:
+        raise ConfigurationError(f"--upstream: {value!r} is not a URL") from exc
+    if url.scheme not in ("http", "https") or not url.host:
+        raise ConfigurationError(f"--upstream: {value!r} must be an https:// URL with a host")
+    if url.query_string or url.fragment or url.user or url.password:
+        raise ConfigurationError(f"--upstream: {value!r} must not carry credentials, a query or a fragment")
+    if url.scheme == "http" and not is_loopback(url.host) and not insecure:
+        raise ConfigurationError(
+            f"--upstream: {value!r} is plain http to another machine, which would send the token in "
+            "clear; use https:// (or --insecure-upstream if you really mean it)"
+        )
+    return url.with_path(url.raw_path.rstrip("/"), encoded=True)
+
+
+def _environment_proxy(upstream: URL, environ: Mapping[str, str]) -> URL | None:
+    """The forward proxy that curl would use for the upstream, honouring NO_PROXY."""
+
+    def variable(name: str) -> str:
+        return environ.get(name) or environ.get(name.lower()) or ""
+
+    chosen = variable("HTTPS_PROXY") if upstream.scheme == "https" else variable("HTTP_PROXY")
+    if not chosen or not upstream.host:
+        return None
+    if proxy_bypass_environment(upstream.host, {"no": variable("NO_PROXY")}):
+        return None
+    url = URL(chosen if "://" in chosen else f"http://{chosen}")
+    if url.scheme not in ("http", "https") or not url.host:
+        raise ConfigurationError(f"HTTPS_PROXY: {chosen!r} is not an http:// proxy URL")
+    return url
+
+
+def parse_listen(value: str) -> tuple[str, int]:
+    host, sep, port_text = value.rpartition(":")
+    if not sep or not port_text.isdigit():
+        raise ConfigurationError(f"--listen: expected HOST:PORT, got {value!r}")
+    port = int(port_text)
+    if not 0 < port < 65536:
+        raise ConfigurationError(f"--listen: port {port} is outside 1-65535")
+    host = host.strip("[]") or "127.0.0.1"
+    return host, port
+
+
+def is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
+
+
+def _access_key(raw: Mapping[str, Any]) -> str | None:
+    path = raw.get("access_key_file")
+    if raw.get("access_key"):
+        key, where = str(raw["access_key"]).strip(), "DICOM_PROXY_ACCESS_KEY"
+    elif path:
+        try:
+            key = Path(path).read_text(encoding="utf-8").strip()
+        except (OSError, UnicodeDecodeError) as exc:
+            raise ConfigurationError(f"--access-key-file: cannot read {path}") from exc
+        where = f"--access-key-file: the key in {path}"
+    else:
+        return None
+    # The key is never echoed: only its length is judged.
+    if len(key) < 16:
+        raise ConfigurationError(f"{where} is shorter than 16 characters; use a long random key")
+    return key
+
+
+def _cors_origin(origin: str) -> str:
+    if origin == "*":
+        return origin
+    url = URL(origin)
+    if url.scheme not in ("http", "https") or not url.host or url.raw_path not in ("", "/"):
+        raise ConfigurationError(f"--cors-origin: {origin!r} must look like https://viewer.example.org")
+    return origin.rstrip("/")
+
+
+def _allowed_hosts(extra: list[str], listen_host: str) -> tuple[str, ...]:
+    names = list(LOOPBACK_NAMES)
+    if listen_host not in ("0.0.0.0", "::"):
+        names.append(f"[{listen_host}]" if ":" in listen_host else listen_host)
+    names.extend(name.lower() for name in extra)
+    return tuple(dict.fromkeys(names))
+
+
+def _positive(raw: Mapping[str, Any], name: str, default: float) -> float:
+    value = raw.get(name, default)
+    try:
+        number = float(value)
+    except (TypeError, ValueError) as exc:
+        raise ConfigurationError(f"--{name.replace('_', '-')}: expected seconds, got {value!r}") from exc
+    if number <= 0:
+        raise ConfigurationError(f"--{name.replace('_', '-')}: must be more than 0, got {value!r}")
+    return number

@@ -1,0 +1,168 @@
+"""TokenSource: a valid access token on demand, with `az` kept off the request path.
+
+Tokens are cached (cachetools, keyed by credential, scope and tenant) until shortly before they expire,
+refreshed by a background task before that, and fetched by exactly one in-flight acquisition however many
+callers arrive at once. Failures of the credential become `TokenUnavailable` and are retried with backoff
+instead of being retried by every request. Nothing here knows about HTTP.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from azure.core.credentials import TokenRequestOptions
+from azure.core.credentials_async import AsyncSupportsTokenInfo
+from azure.core.exceptions import AzureError
+from cachetools import TLRUCache
+
+from .errors import TokenUnavailable
+
+logger = logging.getLogger("proxy.tokens")
+
+CacheKey = tuple[str, str, str | None]
+
+
+@dataclass(frozen=True)
+class Token:
+    value: str = field(repr=False)
+    expires_on: float
+    refresh_at: float
+
+
+class TokenSource:
+    """Hands out the token for one credential and scope; `start()` warms it, `close()` stops refreshing."""
+
+    def __init__(
+        self,
+        credential: AsyncSupportsTokenInfo,
+        scope: str,
+        *,
+        tenant: str | None = None,
+        credential_name: str = "cli",
+        refresh_margin: float = 300.0,
+        expiry_margin: float = 30.0,
+        min_refresh_interval: float = 10.0,
+        max_backoff: float = 60.0,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self._credential = credential
+        self._scope = scope
+        self._tenant = tenant
+        self._credential_name = credential_name
+        self._key: CacheKey = (credential_name, scope, tenant)
+        self._refresh_margin = refresh_margin
+        self._min_refresh_interval = min_refresh_interval
+        self._max_backoff = max_backoff
+        self._clock = clock
+        # A token leaves the cache `expiry_margin` seconds before it expires, so that a token handed out
+        # is still valid by the time the upstream checks it.
+        self._cache: TLRUCache[CacheKey, Token] = TLRUCache(
+            maxsize=4, ttu=lambda _key, token, _now: token.expires_on - expiry_margin, timer=clock
+        )
+        self._inflight: asyncio.Future[Token] | None = None
+        self._last_error: TokenUnavailable | None = None
+        self._failures = 0
+        self._retry_at = 0.0
+        self._refresher: asyncio.Task[None] | None = None
+
+    @property
+    def current(self) -> Token | None:
+        """The valid token held now, if any; never triggers an acquisition."""
+        return self._cache.get(self._key)
+
+    @property
+    def last_error(self) -> TokenUnavailable | None:
+        return self._last_error
+
+    async def get(self) -> str:
+        """A valid token; raises TokenUnavailable when the credential cannot give one."""
+        token = self._cache.get(self._key)
+        if token is not None:
+            return token.value
+        if self._inflight is None and self._last_error is not None and self._clock() < self._retry_at:
+            # Within the backoff window: answer at once instead of running `az` for every request.
+            raise self._last_error
+        return (await self._acquire()).value
+
+    def invalidate(self, value: str) -> None:
+        """Forget `value` after the upstream refused it; a newer token fetched meanwhile is kept."""
+        token = self._cache.get(self._key)
+        if token is not None and token.value == value:
+            del self._cache[self._key]
+            self._retry_at = 0.0
+
+    async def start(self) -> None:
+        """Begin the first acquisition and the refresh loop; never raises, so start-up survives a dead az."""
+        if self._refresher is None:
+            self._refresher = asyncio.create_task(self._refresh_forever(), name="token-refresh")
+
+    async def close(self) -> None:
+        tasks = [task for task in (self._refresher, self._inflight) if task is not None]
+        for task in tasks:
+            task.cancel()
+        for task in tasks:
+            with contextlib.suppress(asyncio.CancelledError, TokenUnavailable):
+                await task
+        self._refresher = self._inflight = None
+
+    async def _acquire(self) -> Token:
+        if self._inflight is None:
+            self._inflight = asyncio.ensure_future(self._fetch())
+            self._inflight.add_done_callback(self._forget_inflight)
+        # shield: a caller that goes away (client disconnect) must not cancel the shared acquisition.
+        return await asyncio.shield(self._inflight)
+
+    def _forget_inflight(self, future: asyncio.Future[Token]) -> None:
+        if self._inflight is future:
+            self._inflight = None
+        if not future.cancelled():
+            future.exception()  # mark retrieved: failures are reported through callers and the log
+
+    async def _fetch(self) -> Token:
+        started = self._clock()
+        options: TokenRequestOptions = {"tenant_id": self._tenant} if self._tenant else {}
+        try:
+            info = await self._credential.get_token_info(self._scope, options=options)
+        except AzureError as exc:
+            raise self._failed(_first_line(exc.message or str(exc))) from exc
+        except (OSError, ValueError) as exc:
+            raise self._failed(f"{type(exc).__name__}: {exc}") from exc
+        now = self._clock()
+        refresh_at = info.refresh_on or info.expires_on - self._refresh_margin
+        token = Token(info.token, info.expires_on, max(refresh_at, now + self._min_refresh_interval))
+        self._cache[self._key] = token
+        self._failures, self._last_error = 0, None
+        logger.info(
+            "token acquired from the %s credential in %.2fs; expires in %ds",
+            self._credential_name,
+            now - started,
+            int(info.expires_on - now),
+        )
+        return token
+
+    def _failed(self, reason: str) -> TokenUnavailable:
+        self._failures += 1
+        delay = min(self._max_backoff, 2.0 ** (self._failures - 1))
+        self._retry_at = self._clock() + delay
+        error = TokenUnavailable(f"no token from the {self._credential_name} credential: {reason}")
+        self._last_error = error
+        logger.error("%s; retrying in %.0fs. Hint: %s", error.detail, delay, error.hint)
+        return error
+
+    async def _refresh_forever(self) -> None:
+        while True:
+            token = self._cache.get(self._key)
+            wake_at = max(token.refresh_at if token else 0.0, self._retry_at)
+            await asyncio.sleep(max(0.0, wake_at - self._clock()))
+            with contextlib.suppress(TokenUnavailable):
+                await self._acquire()
+
+
+def _first_line(message: str) -> str:
+    """azure-identity appends troubleshooting links on later lines; one line reads better in a log."""
+    return message.strip().splitlines()[0] if message.strip() else "unknown error"

@@ -1,0 +1,196 @@
+"""Shared fixtures: the `az` stand-in, the fake TLS upstream and the proxy as a real process."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import trustme
+
+from .upstream import Upstream
+
+HERE = Path(__file__).parent
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def wait_for(condition, timeout: float = 10.0, interval: float = 0.02, what: str = "condition"):  # noqa: ANN001
+    """Poll `condition` until it is truthy; fail the test with `what` after `timeout` seconds."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = condition()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+        time.sleep(interval)
+
+
+class AzStub:
+    """A directory holding an executable `az` that the tests put first on PATH."""
+
+    def __init__(self, directory: Path) -> None:
+        self.directory = directory
+        directory.mkdir(parents=True, exist_ok=True)
+        script = directory / "az"
+        script.write_text(f"#!{sys.executable}\n" + (HERE / "az_stub.py").read_text())
+        script.chmod(0o755)
+        (directory / "calls.log").touch()
+        (directory / "issued.log").touch()
+        self.configure()
+
+    def configure(self, **state: object) -> None:
+        """Replace the stand-in's behaviour (see az_stub.py for the keys)."""
+        staging = self.directory / "state.json.new"
+        staging.write_text(json.dumps(state))
+        staging.replace(self.directory / "state.json")
+
+    @property
+    def calls(self) -> int:
+        return len((self.directory / "calls.log").read_text().splitlines())
+
+    def call_arguments(self) -> list[list[str]]:
+        return [json.loads(line) for line in (self.directory / "calls.log").read_text().splitlines()]
+
+    def issued_tokens(self) -> list[str]:
+        return (self.directory / "issued.log").read_text().splitlines()
+
+
+class ProxyProcess:
+    """`python -m proxy serve ...` in its own process, with its output kept for inspection."""
+
+    def __init__(self, arguments: list[str], env: dict[str, str], log_path: Path, port: int) -> None:
+        self.port = port
+        self.url = f"http://127.0.0.1:{port}"
+        self.log_path = log_path
+        self._log = log_path.open("wb")
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "proxy", *arguments],
+            env=env,
+            stdout=self._log,
+            stderr=subprocess.STDOUT,
+            cwd=HERE.parent,
+        )
+
+    def wait_listening(self, timeout: float = 20.0) -> None:
+        def listening() -> bool:
+            if self.process.poll() is not None:
+                raise AssertionError(f"the proxy exited with {self.process.returncode}:\n{self.output()}")
+            try:
+                socket.create_connection(("127.0.0.1", self.port), timeout=0.2).close()
+                return True
+            except OSError:
+                return False
+
+        wait_for(listening, timeout, what="the proxy to listen")
+
+    def output(self) -> str:
+        if not self._log.closed:
+            self._log.flush()
+        return self.log_path.read_text(errors="replace")
+
+    def peak_rss_mib(self) -> float:
+        status = Path(f"/proc/{self.process.pid}/status").read_text()
+        line = next(line for line in status.splitlines() if line.startswith("VmHWM:"))
+        return int(line.split()[1]) / 1024
+
+    def stop(self) -> int:
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+            try:
+                self.process.wait(15)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait(5)
+        self._log.close()
+        return self.process.returncode
+
+
+@pytest.fixture(scope="session")
+def certificate_authority() -> trustme.CA:
+    return trustme.CA()
+
+
+@pytest.fixture(scope="session")
+def ca_bundle(certificate_authority: trustme.CA, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    path = tmp_path_factory.mktemp("ca") / "ca.pem"
+    certificate_authority.cert_pem.write_to_path(str(path))
+    return path
+
+
+@pytest.fixture
+def az(tmp_path: Path) -> AzStub:
+    return AzStub(tmp_path / "az-bin")
+
+
+@pytest.fixture
+def upstream(certificate_authority: trustme.CA, az: AzStub) -> Iterator[Upstream]:
+    import ssl
+
+    tls = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    certificate_authority.issue_cert("127.0.0.1", "localhost").configure_cert(tls)
+    server = Upstream(tls=tls, issued_tokens=az.issued_tokens)
+    server.start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def proxy_env(az: AzStub) -> dict[str, str]:
+    """The proxy's environment: the `az` stand-in first on PATH, no DICOM_PROXY_* or proxy leaking in."""
+    env = {
+        key: value
+        for key, value in os.environ.items()
+        if not key.startswith("DICOM_PROXY_") and key.lower() not in ("https_proxy", "http_proxy", "no_proxy")
+    }
+    env["PATH"] = f"{az.directory}{os.pathsep}{env.get('PATH', '')}"
+    env["PYTHONUNBUFFERED"] = "1"
+    return env
+
+
+@pytest.fixture
+def start_proxy(tmp_path: Path, proxy_env: dict[str, str], upstream: Upstream, ca_bundle: Path):  # noqa: ANN201
+    """Start a proxy in front of the fake upstream: `start_proxy(*extra_flags, env=..., wait=True)`."""
+    started: list[ProxyProcess] = []
+
+    def start(*flags: str, env: dict[str, str] | None = None, upstream_url: str | None = None,
+              wait: bool = True) -> ProxyProcess:
+        port = free_port()
+        arguments = [
+            "serve",
+            "--upstream", upstream_url or upstream.url,
+            "--listen", f"127.0.0.1:{port}",
+            "--ca-bundle", str(ca_bundle),
+            *flags,
+        ]  # fmt: skip
+        proxy = ProxyProcess(arguments, env or proxy_env, tmp_path / f"proxy-{len(started)}.log", port)
+        started.append(proxy)
+        if wait:
+            proxy.wait_listening()
+        return proxy
+
+    yield start
+    for proxy in started:
+        proxy.stop()
+        leaked = [token for token in upstream.issued_tokens() if token.split(".")[1] in proxy.output()]
+        assert not leaked, "a token appeared in the proxy's output"
+
+
+@pytest.fixture
+def curl() -> str:
+    path = shutil.which("curl")
+    assert path, "curl is required by the tests (.ci/run installs it)"
+    return path

@@ -1,0 +1,240 @@
+"""A loopback HTTPS server that plays the DICOM service's part for the tests.
+
+It runs in its own thread and event loop (so tests can use blocking clients such as curl), serves TLS
+with a trustme certificate, accepts only the bearer tokens the `az` stand-in issued and that have not
+expired or been revoked (answering 401 like the service otherwise), and records every request it sees.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import gzip
+import hashlib
+import json
+import random
+import ssl
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from aiohttp import web
+
+BLOCK = random.Random(20261125).randbytes(1024 * 1024)
+
+
+def pattern(size: int) -> bytes:
+    """The first `size` bytes of the endless deterministic body that /bytes serves."""
+    return (BLOCK * (size // len(BLOCK) + 1))[:size]
+
+
+def token_claims(token: str) -> dict[str, object]:
+    payload = token.split(".")[1]
+    return json.loads(base64.urlsafe_b64decode(payload + "=" * (-len(payload) % 4)))
+
+
+@dataclass
+class Seen:
+    method: str
+    raw_path: str
+    headers: list[tuple[str, str]]
+    peer: tuple[str, int] | None
+
+    def header(self, name: str) -> str | None:
+        values = [value for key, value in self.headers if key.lower() == name.lower()]
+        return values[0] if values else None
+
+    def header_names(self) -> set[str]:
+        return {key.lower() for key, _ in self.headers}
+
+
+@dataclass
+class Upstream:
+    """The fake service; `issued_tokens` is asked on each request which tokens exist."""
+
+    tls: ssl.SSLContext
+    issued_tokens: Callable[[], list[str]]
+    port: int = 0
+    seen: list[Seen] = field(default_factory=list)
+    revoked: set[str] = field(default_factory=set)
+    events: list[str] = field(default_factory=list)
+    sent_digests: dict[str, str] = field(default_factory=dict)
+    _loop: asyncio.AbstractEventLoop | None = None
+    _runner: web.AppRunner | None = None
+    _thread: threading.Thread | None = None
+
+    @property
+    def url(self) -> str:
+        return f"https://127.0.0.1:{self.port}"
+
+    def start(self) -> None:
+        ready = threading.Event()
+        self._loop = asyncio.new_event_loop()
+
+        def serve() -> None:
+            assert self._loop is not None
+            asyncio.set_event_loop(self._loop)
+            self._loop.run_until_complete(self._start())
+            ready.set()
+            self._loop.run_forever()
+
+        self._thread = threading.Thread(target=serve, name="fake-dicom-service", daemon=True)
+        self._thread.start()
+        if not ready.wait(10):
+            raise RuntimeError("the fake upstream did not start")
+
+    def stop(self) -> None:
+        assert self._loop is not None and self._runner is not None and self._thread is not None
+        asyncio.run_coroutine_threadsafe(self._runner.cleanup(), self._loop).result(10)
+        self._loop.call_soon_threadsafe(self._loop.stop)
+        self._thread.join(10)
+        self._loop.close()
+
+    async def _start(self) -> None:
+        app = web.Application(middlewares=[self._record, self._authorize])
+        app.router.add_route("*", "/echo{tail:.*}", self._echo)
+        app.router.add_get("/bytes/{size}", self._bytes)
+        app.router.add_get("/reset/{size}", self._reset)
+        app.router.add_get("/slow/{seconds}", self._slow)
+        app.router.add_get("/endless", self._endless)
+        app.router.add_get("/gzip", self._gzip)
+        app.router.add_get("/redirect", self._redirect)
+        app.router.add_get("/hop-by-hop", self._hop_by_hop)
+        app.router.add_get("/conditional", self._conditional)
+        app.router.add_get("/range", self._range)
+        self._runner = web.AppRunner(app, handler_cancellation=True, access_log=None)
+        await self._runner.setup()
+        site = web.TCPSite(self._runner, "127.0.0.1", self.port, ssl_context=self.tls)
+        await site.start()
+        server = site._server
+        assert isinstance(server, asyncio.base_events.Server)
+        self.port = server.sockets[0].getsockname()[1]
+
+    @web.middleware
+    async def _record(self, request: web.Request, handler: Callable) -> web.StreamResponse:
+        peer = request.transport.get_extra_info("peername") if request.transport else None
+        self.seen.append(Seen(request.method, request.raw_path, list(request.headers.items()), peer))
+        return await handler(request)
+
+    @web.middleware
+    async def _authorize(self, request: web.Request, handler: Callable) -> web.StreamResponse:
+        authorization = request.headers.get("Authorization", "")
+        token = authorization.removeprefix("Bearer ")
+        problem = None
+        if not authorization.startswith("Bearer ") or token not in self.issued_tokens():
+            problem = "The access token is invalid"
+        elif token in self.revoked:
+            problem = "The access token has been revoked"
+        elif float(token_claims(token)["exp"]) < time.time():  # type: ignore[arg-type]
+            problem = "The access token has expired"
+        if problem:
+            challenge = (
+                'Bearer authorization_uri="https://login.microsoftonline.com/tenant-one", '
+                'resource_id="https://dicom.healthcareapis.azure.com", '
+                f'error="invalid_token", error_description="{problem}"'
+            )
+            return web.json_response(
+                {"error": problem}, status=401, headers={"WWW-Authenticate": challenge}
+            )
+        return await handler(request)
+
+    async def _echo(self, request: web.Request) -> web.Response:
+        digest = hashlib.sha256()
+        length = 0
+        async for chunk in request.content.iter_any():
+            digest.update(chunk)
+            length += len(chunk)
+        return web.json_response(
+            {
+                "method": request.method,
+                "raw_path": request.raw_path,
+                "body_sha256": digest.hexdigest(),
+                "body_length": length,
+                "headers": list(request.headers.items()),
+            }
+        )
+
+    async def _bytes(self, request: web.Request) -> web.StreamResponse:
+        size = int(request.match_info["size"])
+        response = web.StreamResponse(headers={"Content-Type": "application/octet-stream"})
+        if "chunked" not in request.query:
+            response.content_length = size
+        await response.prepare(request)
+        if request.method == "HEAD":
+            return response
+        digest = hashlib.sha256()
+        sent = 0
+        while sent < size:
+            piece = BLOCK[: min(len(BLOCK), size - sent)]
+            digest.update(piece)
+            await response.write(piece)
+            sent += len(piece)
+        await response.write_eof()
+        self.sent_digests[request.raw_path] = digest.hexdigest()
+        return response
+
+    async def _reset(self, request: web.Request) -> web.StreamResponse:
+        size = int(request.match_info["size"])
+        response = web.StreamResponse()
+        if "chunked" not in request.query:
+            response.content_length = size
+        await response.prepare(request)
+        await response.write(pattern(size // 2))
+        await asyncio.sleep(0.05)
+        assert request.transport is not None
+        request.transport.abort()
+        return response
+
+    async def _slow(self, request: web.Request) -> web.Response:
+        await asyncio.sleep(float(request.match_info["seconds"]))
+        return web.json_response({"slow": True})
+
+    async def _endless(self, request: web.Request) -> web.StreamResponse:
+        response = web.StreamResponse()
+        await response.prepare(request)
+        try:
+            while True:
+                await response.write(BLOCK[:65536])
+                await asyncio.sleep(0.01)
+        except (ConnectionError, asyncio.CancelledError):
+            self.events.append("endless stopped: the client side went away")
+            raise
+
+    async def _gzip(self, request: web.Request) -> web.Response:
+        body = gzip.compress(json.dumps({"00100010": {"vr": "PN"}}).encode() * 100)
+        return web.Response(
+            body=body,
+            headers={"Content-Encoding": "gzip", "Content-Type": "application/dicom+json"},
+        )
+
+    async def _redirect(self, request: web.Request) -> web.Response:
+        return web.Response(status=302, headers={"Location": "https://elsewhere.example/steal"})
+
+    async def _hop_by_hop(self, request: web.Request) -> web.Response:
+        return web.Response(
+            text="ok",
+            headers={
+                "Connection": "X-Private-Hop",
+                "X-Private-Hop": "must not pass",
+                "Keep-Alive": "timeout=5",
+                "Proxy-Authenticate": "Basic",
+                "X-End-To-End": "passes",
+            },
+        )
+
+    async def _conditional(self, request: web.Request) -> web.Response:
+        etag = '"v1"'
+        if request.headers.get("If-None-Match") == etag:
+            return web.Response(status=304, headers={"ETag": etag})
+        return web.Response(text="fresh", headers={"ETag": etag})
+
+    async def _range(self, request: web.Request) -> web.Response:
+        body = pattern(1000)
+        first, last = request.headers["Range"].removeprefix("bytes=").split("-")
+        part = body[int(first) : int(last) + 1]
+        return web.Response(
+            status=206,
+            body=part,
+            headers={"Content-Range": f"bytes {first}-{last}/{len(body)}"},
+        )
