@@ -17,6 +17,7 @@ from azure.core.credentials_async import AsyncSupportsTokenInfo
 from .credentials import build_credential
 from .errors import ProxyError, error_response
 from .forward import Forwarder
+from .guard import OriginFormOnly
 from .observe import AccessLogger, Readiness, health
 from .settings import Settings
 from .tokens import TokenSource
@@ -56,7 +57,7 @@ def build_app(
     session: aiohttp.ClientSession | None = None,
 ) -> web.Application:
     """The proxy as an Application; `credential` and `session` replace the real ones when given."""
-    app = web.Application(middlewares=[error_middleware])
+    app = web.Application(middlewares=[error_middleware, OriginFormOnly()])
 
     async def resources(app: web.Application) -> AsyncIterator[None]:
         own_credential = credential or build_credential(settings)

@@ -40,10 +40,6 @@ class Forwarder:
 
     def upstream_url(self, raw_target: str) -> URL:
         """The upstream URL for a raw origin-form target, byte for byte, never above the base path."""
-        if not raw_target.startswith("/"):
-            raise RequestRefused(
-                f"request target {raw_target[:100]!r} is not a path; this is not an open proxy"
-            )
         path = raw_target.split("?", 1)[0]
         if any(segment in (".", "..") for segment in _SEGMENT_SEPARATORS.split(unquote(path))):
             raise RequestRefused(

@@ -166,8 +166,9 @@ def start_proxy(tmp_path: Path, proxy_env: dict[str, str], upstream: Upstream, c
     """Start a proxy in front of the fake upstream: `start_proxy(*extra_flags, env=..., wait=True)`."""
     started: list[ProxyProcess] = []
 
-    def start(*flags: str, env: dict[str, str] | None = None, upstream_url: str | None = None,
-              wait: bool = True) -> ProxyProcess:
+    def start(
+        *flags: str, env: dict[str, str] | None = None, upstream_url: str | None = None, wait: bool = True
+    ) -> ProxyProcess:
         port = free_port()
         arguments = [
             "serve",

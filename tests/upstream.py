@@ -134,9 +134,7 @@ class Upstream:
                 'resource_id="https://dicom.healthcareapis.azure.com", '
                 f'error="invalid_token", error_description="{problem}"'
             )
-            return web.json_response(
-                {"error": problem}, status=401, headers={"WWW-Authenticate": challenge}
-            )
+            return web.json_response({"error": problem}, status=401, headers={"WWW-Authenticate": challenge})
         return await handler(request)
 
     async def _echo(self, request: web.Request) -> web.Response:

@@ -1,0 +1,314 @@
+"""The streaming forwarder, tested through a running proxy process in front of the fake TLS upstream."""
+
+from __future__ import annotations
+
+import asyncio
+import gzip
+import hashlib
+import http.client
+import json
+import socket
+import subprocess
+
+import aiohttp
+import pytest
+
+from .conftest import free_port, wait_for
+from .upstream import BLOCK, pattern, token_claims
+
+MiB = 1024 * 1024
+
+
+def raw_exchange(port: int, request: bytes) -> bytes:
+    """Send bytes exactly as given and return everything the proxy answers before closing."""
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
+        sock.sendall(request)
+        answer = b""
+        while chunk := sock.recv(65536):
+            answer += chunk
+    return answer
+
+
+def get(url: str, path: str, headers: dict[str, str] | None = None, method: str = "GET"):  # noqa: ANN201
+    """A plain http.client request: it adds nothing but Host and sends the path untouched."""
+    host, port = url.removeprefix("http://").split(":")
+    connection = http.client.HTTPConnection(host, int(port), timeout=30)
+    connection.putrequest(method, path, skip_accept_encoding=True)
+    for name, value in (headers or {}).items():
+        connection.putheader(name, value)
+    connection.endheaders()
+    response = connection.getresponse()
+    body = response.read()
+    connection.close()
+    return response, body
+
+
+def test_adds_the_token_and_the_upstream_sees_its_own_host(start_proxy, upstream, az):
+    proxy = start_proxy()
+    response, body = get(proxy.url, "/echo/v2/studies")
+    assert response.status == 200
+    seen = upstream.seen[-1]
+    assert seen.header("Authorization") == f"Bearer {az.issued_tokens()[0]}"
+    assert seen.header("Host") == f"127.0.0.1:{upstream.port}"
+    assert seen.header("X-Forwarded-For") == "127.0.0.1"
+    assert seen.header("X-Forwarded-Proto") == "http"
+    assert seen.header("X-Forwarded-Host") == f"127.0.0.1:{proxy.port}"
+    assert token_claims(az.issued_tokens()[0])["aud"] == "https://dicom.healthcareapis.azure.com"
+
+
+def test_client_secrets_and_hop_by_hop_headers_never_reach_the_upstream(start_proxy, upstream, az):
+    proxy = start_proxy()
+    response, _ = get(
+        proxy.url,
+        "/echo/v2/studies",
+        headers={
+            "Authorization": "Basic dXNlcjpwYXNz",
+            "Cookie": "session=client-secret",
+            "Proxy-Authorization": "Basic cHJveHk6c2VjcmV0",
+            "X-Forwarded-For": "203.0.113.66",
+            "X-Forwarded-Host": "evil.example",
+            "Forwarded": "for=203.0.113.66",
+            "Connection": "X-Named-Hop",
+            "X-Named-Hop": "dropped",
+            "TE": "trailers",
+            "Accept": "application/dicom+json",
+        },
+    )
+    assert response.status == 200
+    seen = upstream.seen[-1]
+    names = seen.header_names()
+    assert {"cookie", "proxy-authorization", "x-named-hop", "te", "forwarded"}.isdisjoint(names)
+    assert seen.header("Authorization") == f"Bearer {az.issued_tokens()[0]}"
+    assert seen.header("X-Forwarded-For") == "127.0.0.1"
+    assert seen.header("X-Forwarded-Host") == f"127.0.0.1:{proxy.port}"
+    assert seen.header("Accept") == "application/dicom+json"
+    # Nothing the client did not send is invented either (aiohttp would add Accept-Encoding: gzip).
+    assert "accept-encoding" not in names and "user-agent" not in names
+
+
+def test_paths_and_queries_pass_byte_for_byte(start_proxy, upstream, curl):
+    proxy = start_proxy()
+    target = "/echo/v2/partitions/p%201/studies/1.2.3%2F4//series?PatientName=Doe%5EJohn&x=a:b&y=%2F"
+    result = subprocess.run(
+        [curl, "-sS", "--path-as-is", proxy.url + target], capture_output=True, check=True, timeout=30
+    )
+    assert json.loads(result.stdout)["raw_path"] == target
+
+
+@pytest.mark.parametrize(
+    "target",
+    ["/echo/../private", "/echo/%2e%2e/private", "/echo/.%2E/private", "/echo/..%5Cprivate", "/echo/./x"],
+)
+def test_paths_that_climb_above_the_base_are_refused(start_proxy, upstream, target):
+    proxy = start_proxy()
+    answer = raw_exchange(
+        proxy.port, f"GET {target} HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n".encode()
+    )
+    assert answer.startswith(b"HTTP/1.1 400")
+    assert b'"error": "bad_request"' in answer
+    assert upstream.seen == []
+    assert get(proxy.url, "/echo/still-serving")[0].status == 200
+
+
+@pytest.mark.parametrize(
+    "request_line",
+    ["GET http://elsewhere.example/steal HTTP/1.1", "CONNECT elsewhere.example:443 HTTP/1.1"],
+)
+def test_it_is_not_an_open_proxy(start_proxy, upstream, request_line):
+    proxy = start_proxy()
+    answer = raw_exchange(
+        proxy.port, f"{request_line}\r\nHost: elsewhere.example\r\nConnection: close\r\n\r\n".encode()
+    )
+    assert answer.split(b"\r\n")[0] in (b"HTTP/1.1 400 Bad Request",)
+    assert upstream.seen == []
+
+
+def test_redirects_go_back_to_the_client_unfollowed(start_proxy, upstream):
+    proxy = start_proxy()
+    response, _ = get(proxy.url, "/redirect")
+    assert response.status == 302
+    assert response.headers["Location"] == "https://elsewhere.example/steal"
+    assert [seen.raw_path for seen in upstream.seen] == ["/redirect"]
+
+
+def test_hop_by_hop_response_headers_are_dropped(start_proxy, upstream):
+    proxy = start_proxy()
+    response, body = get(proxy.url, "/hop-by-hop")
+    assert body == b"ok"
+    assert response.headers["X-End-To-End"] == "passes"
+    for name in ("X-Private-Hop", "Keep-Alive", "Proxy-Authenticate"):
+        assert response.headers.get(name) is None, name
+
+
+def test_content_encoding_passes_through_undecoded(start_proxy, upstream):
+    proxy = start_proxy()
+    response, body = get(proxy.url, "/gzip", headers={"Accept-Encoding": "gzip"})
+    assert response.headers["Content-Encoding"] == "gzip"
+    assert int(response.headers["Content-Length"]) == len(body)
+    assert gzip.decompress(body).startswith(b'{"00100010"')
+    assert upstream.seen[-1].header("Accept-Encoding") == "gzip"
+
+
+def test_head_304_and_206_pass_through(start_proxy, upstream):
+    proxy = start_proxy()
+    response, body = get(proxy.url, "/bytes/5000", method="HEAD")
+    assert (response.status, response.headers["Content-Length"], body) == (200, "5000", b"")
+
+    response, body = get(proxy.url, "/conditional", headers={"If-None-Match": '"v1"'})
+    assert (response.status, response.headers["ETag"], body) == (304, '"v1"', b"")
+
+    response, body = get(proxy.url, "/range", headers={"Range": "bytes=100-199"})
+    assert response.status == 206
+    assert response.headers["Content-Range"] == "bytes 100-199/1000"
+    assert body == pattern(1000)[100:200]
+
+
+def test_connections_to_the_upstream_are_reused(start_proxy, upstream):
+    proxy = start_proxy()
+    for _ in range(5):
+        assert get(proxy.url, "/echo/keep-alive")[0].status == 200
+    assert len({seen.peer for seen in upstream.seen}) == 1
+
+
+async def test_a_1_gib_download_streams_byte_for_byte_in_bounded_memory(start_proxy, upstream):
+    proxy = start_proxy()
+    size = 1024 * MiB
+    digest = hashlib.sha256()
+    received = 0
+    async with aiohttp.ClientSession(auto_decompress=False) as client:
+        async with client.get(f"{proxy.url}/bytes/{size}") as response:
+            assert response.status == 200
+            assert response.headers["Content-Length"] == str(size)
+            assert "Transfer-Encoding" not in response.headers
+            async for chunk in response.content.iter_chunked(MiB):
+                digest.update(chunk)
+                received += len(chunk)
+    assert received == size
+    assert digest.hexdigest() == upstream.sent_digests[f"/bytes/{size}"]
+    assert proxy.peak_rss_mib() < 150
+
+
+async def test_a_512_mib_chunked_upload_streams_byte_for_byte_in_bounded_memory(start_proxy, upstream):
+    proxy = start_proxy()
+    digest = hashlib.sha256()
+
+    async def body():  # noqa: ANN202
+        for _ in range(512):
+            digest.update(BLOCK)
+            yield BLOCK
+
+    async with aiohttp.ClientSession() as client:
+        async with client.post(
+            f"{proxy.url}/echo/v2/studies", data=body(), headers={"Content-Type": "application/dicom"}
+        ) as response:
+            assert response.status == 200
+            echoed = await response.json()
+    assert echoed["body_length"] == 512 * MiB
+    assert echoed["body_sha256"] == digest.hexdigest()
+    assert "Content-Length" not in dict(echoed["headers"])
+    assert proxy.peak_rss_mib() < 150
+
+
+@pytest.mark.parametrize("framing", ["", "?chunked"])
+async def test_an_upstream_reset_mid_body_breaks_the_client_response(start_proxy, upstream, framing):
+    proxy = start_proxy()
+    async with aiohttp.ClientSession() as client:
+        async with client.get(f"{proxy.url}/reset/{8 * MiB}{framing}") as response:
+            assert response.status == 200
+            with pytest.raises(aiohttp.ClientPayloadError):
+                await response.read()
+        async with client.get(f"{proxy.url}/echo/after-reset") as response:
+            assert response.status == 200
+    assert "upstream broke off GET /reset" in proxy.output()
+
+
+async def test_a_client_that_goes_away_cancels_the_upstream_request(start_proxy, upstream):
+    proxy = start_proxy()
+    async with aiohttp.ClientSession() as client:
+        async with client.get(f"{proxy.url}/endless") as response:
+            await response.content.readexactly(MiB)
+            response.close()
+    wait_for(lambda: upstream.events, what="the upstream to see the request end")
+    assert upstream.events == ["endless stopped: the client side went away"]
+    assert get(proxy.url, "/echo/after-disconnect")[0].status == 200
+
+
+async def test_a_client_that_goes_away_before_the_answer_cancels_the_upstream_request(start_proxy, upstream):
+    proxy = start_proxy()
+    async with aiohttp.ClientSession() as client:
+        with pytest.raises(asyncio.TimeoutError):
+            await client.get(f"{proxy.url}/slow/30", timeout=aiohttp.ClientTimeout(total=1))
+    wait_for(lambda: len(upstream.seen) == 1, what="the request to reach the upstream")
+    # The proxy dropped its upstream connection, so the next request needs a new one.
+    assert get(proxy.url, "/echo/after")[0].status == 200
+    assert upstream.seen[0].peer != upstream.seen[1].peer
+
+
+def test_an_unreachable_upstream_gives_502_json(start_proxy, upstream):
+    proxy = start_proxy(upstream_url=f"https://127.0.0.1:{free_port()}")
+    response, body = get(proxy.url, "/v2/studies")
+    assert response.status == 502
+    answer = json.loads(body)
+    assert answer["error"] == "upstream_unreachable"
+    assert "--upstream" in answer["hint"]
+
+
+def test_a_slow_upstream_gives_504_json(start_proxy, upstream):
+    proxy = start_proxy("--read-timeout", "0.5")
+    response, body = get(proxy.url, "/slow/5")
+    assert response.status == 504
+    assert json.loads(body)["error"] == "upstream_timeout"
+
+
+def test_an_untrusted_upstream_certificate_gives_502_with_a_ca_bundle_hint(
+    start_proxy, upstream, proxy_env, tmp_path
+):
+    port = free_port()
+    from .conftest import ProxyProcess
+
+    proxy = ProxyProcess(
+        ["serve", "--upstream", upstream.url, "--listen", f"127.0.0.1:{port}"],
+        proxy_env,
+        tmp_path / "no-ca.log",
+        port,
+    )
+    try:
+        proxy.wait_listening()
+        response, body = get(proxy.url, "/v2/studies")
+        assert response.status == 502
+        assert "--ca-bundle" in json.loads(body)["hint"]
+        assert upstream.seen == []
+    finally:
+        proxy.stop()
+
+
+async def test_https_proxy_from_the_environment_is_used(start_proxy, upstream, proxy_env):
+    tunnels: list[bytes] = []
+    writers: list[asyncio.StreamWriter] = []
+
+    async def tunnel(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        request = await reader.readuntil(b"\r\n\r\n")
+        tunnels.append(request.split(b"\r\n")[0])
+        host, port = request.split(b" ")[1].decode().rsplit(":", 1)
+        upstream_reader, upstream_writer = await asyncio.open_connection(host, int(port))
+        writers.extend((writer, upstream_writer))
+        writer.write(b"HTTP/1.1 200 Connection established\r\n\r\n")
+
+        async def pipe(source: asyncio.StreamReader, sink: asyncio.StreamWriter) -> None:
+            while data := await source.read(65536):
+                sink.write(data)
+                await sink.drain()
+            sink.close()
+
+        await asyncio.gather(pipe(reader, upstream_writer), pipe(upstream_reader, writer))
+
+    server = await asyncio.start_server(tunnel, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    env = dict(proxy_env, HTTPS_PROXY=f"http://127.0.0.1:{port}")
+    proxy = start_proxy(env=env)
+    async with server, aiohttp.ClientSession() as client:
+        async with client.get(f"{proxy.url}/echo/through-the-tunnel") as response:
+            assert response.status == 200
+        for writer in writers:
+            writer.close()
+    assert tunnels == [f"CONNECT 127.0.0.1:{upstream.port} HTTP/1.1".encode()]
