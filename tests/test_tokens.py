@@ -1,0 +1,207 @@
+"""Token acquisition, caching, refresh and failure, through the real AzureCliCredential and the az stand-in."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import json
+import os
+
+import aiohttp
+import pytest
+from azure.identity.aio import AzureCliCredential
+
+from proxy.errors import TokenUnavailable
+from proxy.tokens import TokenSource
+
+from .conftest import wait_for
+from .upstream import token_claims
+
+SCOPE = "https://dicom.healthcareapis.azure.com/.default"
+
+
+@pytest.fixture
+def az_on_path(az, monkeypatch):  # noqa: ANN201
+    monkeypatch.setenv("PATH", f"{az.directory}{os.pathsep}{os.environ['PATH']}")
+    return az
+
+
+async def test_concurrent_cold_callers_share_one_az_run(az_on_path):
+    az_on_path.configure(delay=0.5)
+    source = TokenSource(AzureCliCredential(), SCOPE)
+    tokens = await asyncio.gather(*(source.get() for _ in range(100)))
+    assert set(tokens) == {az_on_path.issued_tokens()[0]}
+    assert az_on_path.calls == 1
+    assert await source.get() == tokens[0]
+    assert az_on_path.calls == 1
+
+
+async def test_a_failure_is_not_retried_by_every_caller(az_on_path):
+    az_on_path.configure(mode="logged_out")
+    source = TokenSource(AzureCliCredential(), SCOPE)
+    with pytest.raises(TokenUnavailable) as first:
+        await source.get()
+    with pytest.raises(TokenUnavailable):
+        await source.get()
+    assert az_on_path.calls == 1
+    assert "az login" in first.value.hint
+    assert "Please run 'az login'" in first.value.detail
+
+
+async def test_invalidate_forgets_only_the_refused_token(az_on_path):
+    source = TokenSource(AzureCliCredential(), SCOPE)
+    first = await source.get()
+    source.invalidate("some-other-token")
+    assert await source.get() == first
+    source.invalidate(first)
+    second = await source.get()
+    assert second != first
+    assert az_on_path.calls == 2
+
+
+async def test_the_tenant_is_passed_to_az(az_on_path):
+    source = TokenSource(AzureCliCredential(tenant_id="contoso.example"), SCOPE, tenant="contoso.example")
+    token = await source.get()
+    assert token_claims(token)["tid"] == "contoso.example"
+    arguments = az_on_path.call_arguments()[0]
+    assert arguments[arguments.index("--tenant") + 1] == "contoso.example"
+    assert arguments[arguments.index("--resource") + 1] == "https://dicom.healthcareapis.azure.com"
+
+
+async def test_a_hundred_simultaneous_requests_at_start_up_run_az_once(start_proxy, az, upstream):
+    az.configure(delay=1.5)
+    proxy = start_proxy()
+    async with aiohttp.ClientSession() as client:
+
+        async def one(number: int) -> int:
+            async with client.get(f"{proxy.url}/echo/v2/studies/{number}") as response:
+                await response.read()
+                return response.status
+
+        statuses = await asyncio.gather(*(one(number) for number in range(100)))
+    assert statuses == [200] * 100
+    assert az.calls == 1
+    assert {seen.header("Authorization") for seen in upstream.seen} == {f"Bearer {az.issued_tokens()[0]}"}
+
+
+async def test_no_request_runs_az_once_warm(start_proxy, az, upstream):
+    proxy = start_proxy()
+    async with aiohttp.ClientSession() as client:
+        for number in range(30):
+            async with client.get(f"{proxy.url}/echo/{number}") as response:
+                assert response.status == 200
+    assert az.calls == 1
+
+
+async def test_the_token_is_refreshed_in_the_background_before_it_expires(start_proxy, az, upstream):
+    # 302 s of life with the default 300 s margin: the refresh is due two seconds after start-up.
+    az.configure(lifetime=302)
+    proxy = start_proxy()
+    wait_for(lambda: az.calls >= 2, timeout=20, what="a background refresh")
+    async with aiohttp.ClientSession() as client:
+        async with client.get(f"{proxy.url}/echo/after-refresh") as response:
+            assert response.status == 200
+    tokens = az.issued_tokens()
+    assert upstream.seen[-1].header("Authorization") == f"Bearer {tokens[-1]}"
+    assert len(upstream.seen) == 1  # no request was needed to trigger it
+    assert "token acquired" in proxy.output()
+
+
+@pytest.mark.parametrize(
+    ("mode", "detail"),
+    [("logged_out", "Please run 'az login'"), ("fail", "AADSTS700082"), ("garbage", "Unexpected output")],
+)
+async def test_az_failing_gives_503_json_and_the_proxy_recovers(start_proxy, az, upstream, mode, detail):
+    az.configure(mode=mode)
+    proxy = start_proxy()
+    async with aiohttp.ClientSession() as client:
+        async with client.get(f"{proxy.url}/v2/studies") as response:
+            assert response.status == 503
+            answer = await response.json()
+        assert answer["error"] == "token_unavailable"
+        assert detail in answer["detail"]
+        assert "az login" in answer["hint"]
+        async with client.get(f"{proxy.url}/-/ready") as response:
+            assert response.status == 503
+        assert upstream.seen == []
+
+        az.configure()
+
+        async def status() -> int:
+            async with client.get(f"{proxy.url}/echo/recovered") as response:
+                return response.status
+
+        deadline = asyncio.get_running_loop().time() + 20
+        while await status() != 200:
+            assert asyncio.get_running_loop().time() < deadline, "the proxy never recovered"
+            await asyncio.sleep(0.2)
+        async with client.get(f"{proxy.url}/-/ready") as response:
+            assert response.status == 200
+    assert proxy.process.poll() is None
+
+
+def test_az_missing_from_path_gives_503(start_proxy, upstream, proxy_env, tmp_path):
+    empty = tmp_path / "empty-bin"
+    empty.mkdir()
+    proxy = start_proxy(env=dict(proxy_env, PATH=str(empty)))
+    import requests
+
+    response = requests.get(f"{proxy.url}/v2/studies", timeout=10)
+    assert response.status_code == 503
+    assert "Azure CLI not found" in response.json()["detail"]
+    assert upstream.seen == []
+
+
+async def test_a_401_invalidates_the_token_and_retries_once(start_proxy, az, upstream):
+    proxy = start_proxy()
+    async with aiohttp.ClientSession() as client:
+        async with client.get(f"{proxy.url}/echo/warm") as response:
+            assert response.status == 200
+        first = az.issued_tokens()[0]
+        upstream.revoked.add(first)
+        body = b"small replayable body" * 100
+        async with client.post(f"{proxy.url}/echo/v2/studies", data=body) as response:
+            assert response.status == 200
+            echoed = await response.json()
+    second = az.issued_tokens()[1]
+    assert [seen.header("Authorization") for seen in upstream.seen[1:]] == [
+        f"Bearer {first}",
+        f"Bearer {second}",
+    ]
+    assert echoed["body_sha256"] == hashlib.sha256(body).hexdigest()
+    assert az.calls == 2
+
+
+async def test_a_401_on_a_streamed_body_is_passed_on(start_proxy, az, upstream):
+    proxy = start_proxy()
+    async with aiohttp.ClientSession() as client:
+        async with client.get(f"{proxy.url}/echo/warm") as response:
+            assert response.status == 200
+        upstream.revoked.add(az.issued_tokens()[0])
+
+        async def body():  # noqa: ANN202
+            for _ in range(4):
+                yield b"x" * 1024 * 1024
+
+        async with client.post(f"{proxy.url}/echo/v2/studies", data=body()) as response:
+            assert response.status == 401
+            assert 'error="invalid_token"' in response.headers["WWW-Authenticate"]
+        # The next request gets a fresh token without waiting for the old one to expire.
+        async with client.get(f"{proxy.url}/echo/again") as response:
+            assert response.status == 200
+    assert upstream.seen[-1].header("Authorization") == f"Bearer {az.issued_tokens()[1]}"
+
+
+async def test_ready_reports_the_expiry_of_a_held_token(start_proxy, az, upstream):
+    proxy = start_proxy()
+    async with aiohttp.ClientSession() as client:
+        async with client.get(f"{proxy.url}/echo/warm") as response:
+            assert response.status == 200
+        async with client.get(f"{proxy.url}/-/ready") as response:
+            assert response.status == 200
+            answer = await response.json()
+    assert answer["status"] == "ready"
+    expires = json.loads(json.dumps(token_claims(az.issued_tokens()[0])))["exp"]
+    from datetime import UTC, datetime
+
+    assert answer["token_expires_at"] == datetime.fromtimestamp(expires, UTC).isoformat(timespec="seconds")
