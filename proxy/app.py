@@ -44,9 +44,7 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
     try:
         return await handler(request)
     except ProxyError as error:
-        logger.warning(
-            "%s %s -> %d %s: %s", request.method, request.path, error.status, error.code, error.detail
-        )
+        logger.warning("%s %s -> %d %s: %s", request.method, request.path, error.status, error.code, error.detail)
         return error_response(error)
 
 
@@ -119,9 +117,7 @@ def upstream_session(settings: Settings) -> aiohttp.ClientSession:
         auto_decompress=False,
         # Without this aiohttp would add Accept-Encoding: gzip (and others) the client never asked for.
         skip_auto_headers=("Accept", "Accept-Encoding", "User-Agent", "Content-Type"),
-        timeout=aiohttp.ClientTimeout(
-            total=None, connect=settings.connect_timeout, sock_read=settings.read_timeout
-        ),
+        timeout=aiohttp.ClientTimeout(total=None, connect=settings.connect_timeout, sock_read=settings.read_timeout),
         read_bufsize=READ_BUFFER,
         # Proxies are resolved once into Settings.upstream_proxy; trust_env would also read ~/.netrc and
         # could put Basic credentials where the bearer token belongs.

@@ -41,12 +41,8 @@ def _add_options(command: argparse.ArgumentParser) -> None:
     add("--tenant", metavar="ID", help="tenant to request the token from")
     add("--audience", metavar="URL", help="token resource (default https://dicom.healthcareapis.azure.com)")
     add("--ca-bundle", metavar="FILE", help="extra CA certificates for the upstream's TLS")
-    add(
-        "--read-only", action="store_true", default=None, help="only GET, HEAD and OPTIONS reach the upstream"
-    )
-    add(
-        "--cors-origin", dest="cors_origins", action="append", metavar="ORIGIN", help="allowed browser origin"
-    )
+    add("--read-only", action="store_true", default=None, help="only GET, HEAD and OPTIONS reach the upstream")
+    add("--cors-origin", dest="cors_origins", action="append", metavar="ORIGIN", help="allowed browser origin")
     add("--allow-host", dest="allowed_hosts", action="append", metavar="NAME", help="extra accepted Host")
     add("--access-key-file", metavar="FILE", help="file holding the key local clients must present")
     add(

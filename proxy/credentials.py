@@ -29,9 +29,7 @@ def build_credential(settings: Settings) -> AsyncSupportsTokenInfo:
     if kind == "cli":
         return AzureCliCredential(tenant_id=tenant or "", process_timeout=settings.az_timeout)
     if kind == "default":
-        return DefaultAzureCredential(
-            process_timeout=settings.az_timeout, additionally_allowed_tenants=allowed
-        )
+        return DefaultAzureCredential(process_timeout=settings.az_timeout, additionally_allowed_tenants=allowed)
     if kind == "environment":
         return EnvironmentCredential(additionally_allowed_tenants=allowed)
     if kind == "managed-identity":

@@ -42,9 +42,7 @@ class Forwarder:
         """The upstream URL for a raw origin-form target, byte for byte, never above the base path."""
         path = raw_target.split("?", 1)[0]
         if any(segment in (".", "..") for segment in _SEGMENT_SEPARATORS.split(unquote(path))):
-            raise RequestRefused(
-                "the path contains '.' or '..' segments, which could climb above the base path"
-            )
+            raise RequestRefused("the path contains '.' or '..' segments, which could climb above the base path")
         return URL(self._origin + self._base_path + raw_target, encoded=True)
 
     async def __call__(self, request: web.Request) -> web.StreamResponse:

@@ -26,7 +26,5 @@ class OriginFormOnly:
         if request.method in self.REFUSED_METHODS:
             raise RequestRefused(f"{request.method} is not served; this is not an open proxy")
         if not request.raw_path.startswith("/"):
-            raise RequestRefused(
-                f"request target {request.raw_path[:100]!r} is not a path; this is not an open proxy"
-            )
+            raise RequestRefused(f"request target {request.raw_path[:100]!r} is not a path; this is not an open proxy")
         return await handler(request)

@@ -101,9 +101,7 @@ def test_paths_and_queries_pass_byte_for_byte(start_proxy, upstream, curl):
 )
 def test_paths_that_climb_above_the_base_are_refused(start_proxy, upstream, target):
     proxy = start_proxy()
-    answer = raw_exchange(
-        proxy.port, f"GET {target} HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n".encode()
-    )
+    answer = raw_exchange(proxy.port, f"GET {target} HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n".encode())
     assert answer.startswith(b"HTTP/1.1 400")
     assert b'"error": "bad_request"' in answer
     assert upstream.seen == []
@@ -260,9 +258,7 @@ def test_a_slow_upstream_gives_504_json(start_proxy, upstream):
     assert json.loads(body)["error"] == "upstream_timeout"
 
 
-def test_an_untrusted_upstream_certificate_gives_502_with_a_ca_bundle_hint(
-    start_proxy, upstream, proxy_env, tmp_path
-):
+def test_an_untrusted_upstream_certificate_gives_502_with_a_ca_bundle_hint(start_proxy, upstream, proxy_env, tmp_path):
     port = free_port()
     from .conftest import ProxyProcess
 

@@ -1,0 +1,151 @@
+"""Settings: precedence of the sources, validation, and the CLI's one-line errors. Nothing is served here."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from yarl import URL
+
+from proxy.cli import load_settings, main, parser
+from proxy.settings import Settings
+
+HERE = Path(__file__).parent
+PRIORITY = str(HERE / "data" / "priority.toml")
+EXAMPLE = str(HERE.parent / "config" / "dicom-auth-proxy.example.toml")
+
+
+def settings_from(argv: list[str], environ: dict[str, str] | None = None) -> Settings:
+    return load_settings(parser().parse_args(["serve", *argv]), environ or {})
+
+
+def test_each_source_wins_over_the_ones_below_it():
+    environ = {
+        "DICOM_PROXY_CONFIG": PRIORITY,
+        "DICOM_PROXY_LISTEN": "127.0.0.1:9002",
+        "DICOM_PROXY_TENANT": "env-tenant",
+    }
+    settings = settings_from(["--tenant", "flag-tenant"], environ)
+    assert settings.tenant == "flag-tenant"  # flag > env
+    assert settings.listen_port == 9002  # env > file
+    assert settings.credential == "managed-identity"  # file > default
+    assert settings.upstream == URL("https://file-ws-file.dicom.azurehealthcareapis.com")
+    assert settings.allowed_hosts[-1] == "from-file.example"
+    assert settings.audience == "https://dicom.healthcareapis.azure.com"  # default
+    assert settings.read_timeout == 300.0
+
+
+def test_the_config_flag_beats_the_config_variable(tmp_path):
+    other = tmp_path / "other.toml"
+    other.write_text('upstream = "https://other-ws.dicom.azurehealthcareapis.com"\n')
+    settings = settings_from(["--config", str(other)], {"DICOM_PROXY_CONFIG": PRIORITY})
+    assert settings.upstream.host == "other-ws.dicom.azurehealthcareapis.com"
+
+
+def test_lists_and_booleans_from_the_environment():
+    settings = settings_from(
+        ["--upstream", "https://ws.dicom.azurehealthcareapis.com/v2/"],
+        {
+            "DICOM_PROXY_READ_ONLY": "yes",
+            "DICOM_PROXY_ALLOWED_HOSTS": "dicom-proxy, Viewer.Local",
+            "DICOM_PROXY_CORS_ORIGINS": "https://viewer.example.org/",
+        },
+    )
+    assert settings.read_only is True
+    assert settings.allowed_hosts == ("localhost", "127.0.0.1", "[::1]", "dicom-proxy", "viewer.local")
+    assert settings.cors_origins == ("https://viewer.example.org",)
+    assert str(settings.upstream) == "https://ws.dicom.azurehealthcareapis.com/v2"
+
+
+def test_the_example_config_file_is_valid():
+    settings = settings_from(["--config", EXAMPLE])
+    assert settings.upstream.host == "myworkspace-mydicom.dicom.azurehealthcareapis.com"
+    assert (settings.listen_host, settings.listen_port, settings.credential) == ("127.0.0.1", 8080, "cli")
+
+
+def test_the_access_key_is_kept_out_of_the_settings_repr(tmp_path):
+    key_file = tmp_path / "key"
+    key_file.write_text("correct-horse-battery-staple\n")
+    settings = settings_from(
+        ["--upstream", "https://ws.example", "--listen", "0.0.0.0:8080", "--access-key-file", str(key_file)]
+    )
+    assert settings.access_key == "correct-horse-battery-staple"
+    assert "correct-horse" not in repr(settings)
+
+
+@pytest.mark.parametrize(
+    ("argv", "environ", "message"),
+    [
+        ([], {}, "--upstream: required"),
+        (["--upstream", "ftp://ws.example"], {}, "--upstream: 'ftp://ws.example' must be an https:// URL"),
+        (["--upstream", "http://ws.example"], {}, "plain http to another machine"),
+        (["--upstream", "https://user:pw@ws.example"], {}, "must not carry credentials"),
+        (["--upstream", "https://ws.example", "--listen", "8080"], {}, "--listen: expected HOST:PORT"),
+        (["--upstream", "https://ws.example", "--listen", "127.0.0.1:99999"], {}, "outside 1-65535"),
+        (
+            ["--upstream", "https://ws.example", "--listen", "0.0.0.0:8080"],
+            {},
+            "reachable from other machines",
+        ),
+        (["--upstream", "https://ws.example", "--ca-bundle", "/nonexistent.pem"], {}, "--ca-bundle"),
+        (["--upstream", "https://ws.example", "--audience", "dicom"], {}, "--audience"),
+        (["--upstream", "https://ws.example", "--tenant", "bad tenant!"], {}, "--tenant"),
+        (["--upstream", "https://ws.example", "--cors-origin", "viewer"], {}, "--cors-origin"),
+        (
+            ["--upstream", "https://ws.example", "--read-timeout", "0"],
+            {},
+            "--read-timeout: must be more than 0",
+        ),
+        (["--upstream", "https://ws.example"], {"DICOM_PROXY_READ_ONLY": "maybe"}, "DICOM_PROXY_READ_ONLY"),
+        (["--upstream", "https://ws.example"], {"DICOM_PROXY_ACCESS_KEY": "short"}, "shorter than 16"),
+        (["--upstream", "https://ws.example"], {"HTTPS_PROXY": "socks5://p:1080"}, "HTTPS_PROXY"),
+        (["--config", "/nonexistent.toml"], {}, "--config: cannot read /nonexistent.toml"),
+    ],
+)
+def test_bad_values_give_one_line_and_exit_code_2(argv, environ, message, capsys, monkeypatch):
+    for name in ("HTTPS_PROXY", "https_proxy", "NO_PROXY", "no_proxy"):
+        monkeypatch.delenv(name, raising=False)
+    for name, value in environ.items():
+        monkeypatch.setenv(name, value)
+    assert main(["serve", *argv]) == 2
+    error = capsys.readouterr().err
+    assert error.count("\n") == 1, error
+    assert error.startswith("dicom-auth-proxy: error: ")
+    assert message in error
+
+
+def test_bad_config_files_are_named(tmp_path, capsys):
+    broken = tmp_path / "broken.toml"
+    broken.write_text("upstream = \n")
+    assert main(["serve", "--config", str(broken)]) == 2
+    assert "is not valid TOML" in capsys.readouterr().err
+    unknown = tmp_path / "unknown.toml"
+    unknown.write_text('upstream = "https://ws.example"\nupstrem = "typo"\n')
+    assert main(["serve", "--config", str(unknown)]) == 2
+    assert "unknown key(s) upstrem" in capsys.readouterr().err
+    wrong_type = tmp_path / "wrong.toml"
+    wrong_type.write_text('upstream = "https://ws.example"\nread_only = "yes"\n')
+    assert main(["serve", "--config", str(wrong_type)]) == 2
+    assert "key read_only must be a bool" in capsys.readouterr().err
+
+
+def test_https_proxy_is_chosen_once_and_no_proxy_is_honoured():
+    https = {"HTTPS_PROXY": "http://corporate-proxy:3128"}
+    settings = settings_from(["--upstream", "https://ws.example"], https)
+    assert settings.upstream_proxy == URL("http://corporate-proxy:3128")
+    bypassed = settings_from(["--upstream", "https://ws.example"], {**https, "NO_PROXY": ".example"})
+    assert bypassed.upstream_proxy is None
+
+
+def test_python_dash_m_and_the_console_script_agree():
+    result = subprocess.run(
+        [sys.executable, "-m", "proxy", "serve", "--upstream", "ftp://x"],
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    assert result.returncode == 2
+    assert result.stderr.startswith("dicom-auth-proxy: error: --upstream")
+    assert "Traceback" not in result.stderr
