@@ -17,9 +17,9 @@ from azure.core.credentials_async import AsyncSupportsTokenInfo
 from .credentials import build_credential
 from .errors import ProxyError, error_response
 from .forward import Forwarder
-from .guard import OriginFormOnly
+from .guard import policies
 from .observe import AccessLogger, Readiness, health
-from .settings import Settings
+from .settings import Settings, is_loopback
 from .tokens import TokenSource
 
 logger = logging.getLogger("proxy")
@@ -55,7 +55,9 @@ def build_app(
     session: aiohttp.ClientSession | None = None,
 ) -> web.Application:
     """The proxy as an Application; `credential` and `session` replace the real ones when given."""
-    app = web.Application(middlewares=[error_middleware, OriginFormOnly()])
+    guards, cors = policies(settings)
+    app = web.Application(middlewares=[error_middleware, *guards])
+    app.on_response_prepare.append(cors.on_response_prepare)
 
     async def resources(app: web.Application) -> AsyncIterator[None]:
         own_credential = credential or build_credential(settings)
@@ -126,6 +128,12 @@ def upstream_session(settings: Settings) -> aiohttp.ClientSession:
 
 
 def log_banner(settings: Settings) -> None:
+    if settings.access_key is None and not is_loopback(settings.listen_host):
+        logger.warning(
+            "LISTENING ON %s WITHOUT AN ACCESS KEY (--allow-unauthenticated-remote): anyone who can reach "
+            "this port reads and writes your DICOM service with your Azure identity",
+            settings.listen_host,
+        )
     logger.info(
         "dicom-auth-proxy serving %s -> %s (credential: %s, audience: %s)",
         settings.local_url,

@@ -43,9 +43,13 @@ def connection_tokens(headers: Headers) -> set[str]:
     return names
 
 
-def _copy_except(headers: Headers, dropped: Iterable[str]) -> CIMultiDict[str]:
+def _copy_except(headers: Headers, dropped: Iterable[str], dropped_prefix: str | None = None) -> CIMultiDict[str]:
     drop = set(dropped) | HOP_BY_HOP | connection_tokens(headers)
-    return CIMultiDict((name, value) for name, value in headers.items() if name.lower() not in drop)
+    return CIMultiDict(
+        (name, value)
+        for name, value in headers.items()
+        if name.lower() not in drop and not (dropped_prefix and name.lower().startswith(dropped_prefix))
+    )
 
 
 def upstream_request_headers(
@@ -71,8 +75,10 @@ def upstream_request_headers(
 
 
 def client_response_headers(upstream: Headers) -> CIMultiDict[str]:
-    """Headers for the client's response: the upstream's, minus hop-by-hop ones.
+    """Headers for the client's response: the upstream's, minus hop-by-hop ones and its CORS answer.
 
-    Set-Cookie passes: the proxy keeps no cookie jar, so a service cookie belongs to the client.
+    The service's Access-Control-* headers are dropped because the proxy's own CORS policy decides which
+    pages may read through it (guard.Cors adds them back for allowed origins). Set-Cookie passes: the
+    proxy keeps no cookie jar, so a service cookie belongs to the client.
     """
-    return _copy_except(upstream, ())
+    return _copy_except(upstream, (), dropped_prefix="access-control-")
