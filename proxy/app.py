@@ -7,6 +7,7 @@ start-up hook and closed in the matching clean-up, so building an app is cheap a
 from __future__ import annotations
 
 import logging
+import re
 import ssl
 from collections.abc import AsyncIterator, Awaitable, Callable
 
@@ -14,11 +15,12 @@ import aiohttp
 from aiohttp import web
 from azure.core.credentials_async import AsyncSupportsTokenInfo
 
+from . import __version__
 from .credentials import build_credential
 from .errors import ProxyError, error_response
 from .forward import Forwarder
 from .guard import policies
-from .observe import AccessLogger, Readiness, health
+from .observe import METRICS, AccessLogger, Metrics, Readiness, health
 from .settings import Settings, is_loopback
 from .tokens import TokenSource
 
@@ -56,8 +58,11 @@ def build_app(
 ) -> web.Application:
     """The proxy as an Application; `credential` and `session` replace the real ones when given."""
     guards, cors = policies(settings)
-    app = web.Application(middlewares=[error_middleware, *guards])
+    metrics = Metrics()
+    app = web.Application(middlewares=[metrics.middleware, error_middleware, *guards])
+    app[METRICS] = metrics
     app.on_response_prepare.append(cors.on_response_prepare)
+    app.on_response_prepare.append(metrics.on_response_prepare)
 
     async def resources(app: web.Application) -> AsyncIterator[None]:
         own_credential = credential or build_credential(settings)
@@ -67,7 +72,9 @@ def build_app(
             tenant=settings.tenant,
             credential_name=settings.credential,
             refresh_margin=settings.refresh_margin,
+            on_acquisition=metrics.record_acquisition,
         )
+        metrics.watch(tokens)
         own_session = session or upstream_session(settings)
         app[TOKEN_SOURCE] = tokens
         app[FORWARDER] = Forwarder(settings, session=own_session, tokens=tokens)
@@ -84,6 +91,7 @@ def build_app(
     app.cleanup_ctx.append(resources)
     app.router.add_get("/-/health", health)
     app.router.add_get("/-/ready", _ready)
+    app.router.add_get("/-/metrics", metrics.endpoint)
     app.router.add_route("*", "/-/{tail:.*}", _no_such_local_endpoint)
     app.router.add_route("*", "/{tail:.*}", _forward)
     return app
@@ -102,7 +110,7 @@ async def _no_such_local_endpoint(request: web.Request) -> web.StreamResponse:
         {
             "error": "not_found",
             "detail": f"{request.path} is not a local endpoint; /-/ is reserved for the proxy",
-            "hint": "Local endpoints: /-/health, /-/ready.",
+            "hint": "Local endpoints: /-/health, /-/ready, /-/metrics.",
         },
         status=404,
     )
@@ -127,6 +135,12 @@ def upstream_session(settings: Settings) -> aiohttp.ClientSession:
     )
 
 
+def viewer_base_url(settings: Settings) -> str:
+    """What to paste into a viewer: the local URL plus the API version when the upstream has none."""
+    has_version = re.search(r"/v\d+(\.\d+)?$", settings.upstream.raw_path) is not None
+    return settings.local_url + ("" if has_version else "/v2")
+
+
 def log_banner(settings: Settings) -> None:
     if settings.access_key is None and not is_loopback(settings.listen_host):
         logger.warning(
@@ -135,12 +149,14 @@ def log_banner(settings: Settings) -> None:
             settings.listen_host,
         )
     logger.info(
-        "dicom-auth-proxy serving %s -> %s (credential: %s, audience: %s)",
+        "dicom-auth-proxy %s serving %s -> %s (credential: %s, audience: %s)",
+        __version__,
         settings.local_url,
         settings.upstream,
         settings.credential,
         settings.audience,
     )
+    logger.info("DICOMweb base URL for viewers and scripts: %s", viewer_base_url(settings))
 
 
 def run(settings: Settings) -> None:
@@ -152,7 +168,7 @@ def run(settings: Settings) -> None:
         print=None,
         access_log_class=AccessLogger,
         handler_cancellation=True,
-        shutdown_timeout=30.0,
+        shutdown_timeout=settings.shutdown_grace,
         max_line_size=MAX_LINE_SIZE,
         max_field_size=MAX_FIELD_SIZE,
         read_bufsize=READ_BUFFER,

@@ -60,6 +60,7 @@ def _add_options(command: argparse.ArgumentParser) -> None:
     add("--log-format", choices=LOG_FORMATS, help="text (default) or json")
     add("--connect-timeout", metavar="SECONDS", type=float, help="upstream connect timeout (default 10)")
     add("--read-timeout", metavar="SECONDS", type=float, help="upstream idle read timeout (default 300)")
+    add("--shutdown-grace", metavar="SECONDS", type=float, help="time in-flight requests get on SIGTERM (default 30)")
 
 
 def load_settings(arguments: argparse.Namespace, environ: Mapping[str, str]) -> Settings:
@@ -75,17 +76,22 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"dicom-auth-proxy: error: {error.detail}", file=sys.stderr)
         return 2
 
+    if arguments.command == "check":
+        from .check import run_check
+
+        return run_check(settings, sys.stdout)
+
     from .observe import configure_logging
 
     configure_logging(settings.log_format)
-    if arguments.command == "check":
-        print("dicom-auth-proxy: 'check' is not available yet", file=sys.stderr)
-        return 2
 
     from .app import run
 
     try:
         run(settings)
+    except ConfigurationError as error:
+        print(f"dicom-auth-proxy: error: {error.detail}", file=sys.stderr)
+        return 2
     except OSError as error:
         print(
             f"dicom-auth-proxy: error: cannot listen on {settings.listen_host}:{settings.listen_port}: "

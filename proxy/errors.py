@@ -20,6 +20,10 @@ import json
 
 from aiohttp import web
 
+# Where the forwarder notes how the upstream failed (connect, tls, timeout, reset) for the metrics, which
+# see only the response the client got.
+UPSTREAM_FAILURE = web.RequestKey("upstream_failure", str)
+
 
 class ProxyError(Exception):
     """Base of the tree; `code` is the short machine-readable name in the JSON body."""

@@ -15,7 +15,7 @@ import aiohttp
 from aiohttp import web
 from yarl import URL
 
-from .errors import RequestRefused, UpstreamTimeout, UpstreamUnreachable
+from .errors import UPSTREAM_FAILURE, RequestRefused, UpstreamTimeout, UpstreamUnreachable
 from .headers import client_response_headers, upstream_request_headers
 from .settings import Settings
 from .tokens import TokenSource
@@ -89,13 +89,16 @@ class Forwarder:
                 proxy=self._proxy,
             )
         except aiohttp.ClientSSLError as exc:
+            request[UPSTREAM_FAILURE] = "tls"
             raise UpstreamUnreachable(
                 f"TLS with {url.host} failed: {exc}",
                 hint="If your network inspects TLS, pass its CA with --ca-bundle.",
             ) from exc
         except (TimeoutError, aiohttp.ServerTimeoutError) as exc:
+            request[UPSTREAM_FAILURE] = "timeout"
             raise UpstreamTimeout(f"{url.host} did not answer within the timeout") from exc
         except aiohttp.ClientError as exc:
+            request[UPSTREAM_FAILURE] = "connect"
             raise UpstreamUnreachable(f"cannot reach {url.host}: {exc or type(exc).__name__}") from exc
 
     async def _relay(self, request: web.Request, upstream: aiohttp.ClientResponse) -> web.StreamResponse:
@@ -110,6 +113,7 @@ class Forwarder:
                 chunk = await upstream.content.readany()
             except (TimeoutError, aiohttp.ClientError) as exc:
                 # Close instead of finishing the response: a client must never take a cut body for whole.
+                request[UPSTREAM_FAILURE] = "timeout" if isinstance(exc, TimeoutError) else "reset"
                 logger.warning(
                     "upstream broke off %s %s mid-body (%s); closing the client connection",
                     request.method,

@@ -1,21 +1,35 @@
-"""Local endpoints (/-/health, /-/ready), the access log and log formatting.
+"""Local endpoints (/-/health, /-/ready, /-/metrics), request ids, metrics, the access log and log format.
 
 Liveness never touches the token or the upstream; readiness reports whether a valid token is held.
+Metrics live in a registry of their own per application, so two apps in one process never mix counts.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import re
 import time
+import uuid
+from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime
+from typing import Any
 
 from aiohttp import web
 from aiohttp.abc import AbstractAccessLogger
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
-from .tokens import TokenSource
+from .errors import UPSTREAM_FAILURE
+from .tokens import TokenSource, expiry_text
 
-access_logger = logging.getLogger("proxy.access")
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+REQUEST_ID = web.RequestKey("request_id", str)
+REQUEST_ID_HEADER = "X-Request-Id"
+# A client's own request id is kept when it looks like one; anything else could forge log lines.
+_CLIENT_REQUEST_ID = re.compile(r"^[A-Za-z0-9._:-]{1,64}$")
+_KNOWN_METHODS = frozenset({"GET", "HEAD", "OPTIONS", "POST", "PUT", "PATCH", "DELETE"})
+_DURATION_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300, 1800)
 
 
 async def health(request: web.Request) -> web.Response:
@@ -31,41 +45,148 @@ class Readiness:
     async def __call__(self, request: web.Request) -> web.Response:
         token = self._tokens.current
         if token is not None:
-            expires = datetime.fromtimestamp(token.expires_on, UTC).isoformat(timespec="seconds")
-            return web.json_response({"status": "ready", "token_expires_at": expires})
+            return web.json_response({"status": "ready", "token_expires_at": expiry_text(token.expires_on)})
         error = self._tokens.last_error
         detail = error.detail if error else "the first token has not been acquired yet"
         return web.json_response(
-            {"error": "not_ready", "detail": detail, "hint": error.hint if error else "wait a moment"},
+            {"error": "not_ready", "detail": detail, "hint": error.hint if error else "Wait a moment and retry."},
             status=503,
         )
+
+
+class Metrics:
+    """The proxy's Prometheus metrics; `endpoint` serves them as text."""
+
+    def __init__(self, registry: CollectorRegistry | None = None) -> None:
+        self.registry = registry = registry or CollectorRegistry()
+        self.requests = Counter(
+            "dicom_proxy_requests",
+            "Requests answered, by method and status class",
+            ["method", "status"],
+            registry=registry,
+        )
+        self.duration = Histogram(
+            "dicom_proxy_request_duration_seconds",
+            "Time from request to the last byte of the answer",
+            buckets=_DURATION_BUCKETS,
+            registry=registry,
+        )
+        self.bytes_in = Counter(
+            "dicom_proxy_received_bytes", "Request body bytes received from clients", registry=registry
+        )
+        self.bytes_out = Counter("dicom_proxy_sent_bytes", "Response bytes sent to clients", registry=registry)
+        self.in_flight = Gauge("dicom_proxy_requests_in_flight", "Requests being answered now", registry=registry)
+        self.upstream_errors = Counter(
+            "dicom_proxy_upstream_errors",
+            "Upstream failures by kind (connect, tls, timeout, reset)",
+            ["kind"],
+            registry=registry,
+        )
+        self.token_acquisitions = Counter(
+            "dicom_proxy_token_acquisitions", "Token acquisitions by result", ["result"], registry=registry
+        )
+        self.token_acquisition_duration = Histogram(
+            "dicom_proxy_token_acquisition_duration_seconds", "Time the credential took to answer", registry=registry
+        )
+        self.token_expires_in = Gauge(
+            "dicom_proxy_token_expires_in_seconds",
+            "Seconds until the held token expires (0: none held)",
+            registry=registry,
+        )
+
+    def record_acquisition(self, result: str, seconds: float) -> None:
+        self.token_acquisitions.labels(result=result).inc()
+        self.token_acquisition_duration.observe(seconds)
+
+    def watch(self, tokens: TokenSource, clock: Callable[[], float] = time.time) -> None:
+        def expires_in() -> float:
+            token = tokens.current
+            return max(0.0, token.expires_on - clock()) if token else 0.0
+
+        self.token_expires_in.set_function(expires_in)
+
+    async def endpoint(self, request: web.Request) -> web.Response:
+        response = web.Response(body=generate_latest(self.registry))
+        response.headers["Content-Type"] = CONTENT_TYPE_LATEST
+        return response
+
+    @web.middleware
+    async def middleware(self, request: web.Request, handler: Handler) -> web.StreamResponse:
+        """Outermost: gives each request its id and counts what the client finally got."""
+        incoming = request.headers.get(REQUEST_ID_HEADER, "")
+        request[REQUEST_ID] = incoming if _CLIENT_REQUEST_ID.match(incoming) else uuid.uuid4().hex
+        started = time.perf_counter()
+        status = "error"
+        self.in_flight.inc()
+        try:
+            response = await handler(request)
+            status = f"{response.status // 100}xx"
+            return response
+        finally:
+            self.in_flight.dec()
+            method = request.method if request.method in _KNOWN_METHODS else "other"
+            self.requests.labels(method=method, status=status).inc()
+            self.duration.observe(time.perf_counter() - started)
+            self.bytes_in.inc(request.content.total_bytes)
+            failure = request.get(UPSTREAM_FAILURE)
+            if failure is not None:
+                self.upstream_errors.labels(kind=failure).inc()
+
+    async def on_response_prepare(self, request: web.Request, response: web.StreamResponse) -> None:
+        request_id = request.get(REQUEST_ID)
+        if request_id is not None:
+            response.headers[REQUEST_ID_HEADER] = request_id
+
+    def count_sent(self, response: web.StreamResponse) -> None:
+        self.bytes_out.inc(response.body_length)
 
 
 class AccessLogger(AbstractAccessLogger):
     """One line per request; the query string is left out because it can hold patient names."""
 
     def log(self, request: web.BaseRequest, response: web.StreamResponse, time: float) -> None:
+        request_id = request.get(REQUEST_ID, "-")
+        metrics = request.app.get(METRICS) if isinstance(request, web.Request) else None
+        if metrics is not None:
+            metrics.count_sent(response)
+        fields = {
+            "client": request.remote,
+            "method": request.method,
+            "path": request.path,
+            "status": response.status,
+            "bytes": response.body_length,
+            "seconds": round(time, 4),
+            "request_id": request_id,
+        }
         self.logger.info(
-            '%s "%s %s" %d %d %.3fs',
+            '%s "%s %s" %d %d %.3fs id=%s',
             request.remote,
             request.method,
             request.path,
             response.status,
             response.body_length,
             time,
+            request_id,
+            extra={"access": fields},
         )
+
+
+METRICS = web.AppKey("metrics", Metrics)
 
 
 class JsonFormatter(logging.Formatter):
     """One JSON object per line, for log collectors."""
 
     def format(self, record: logging.LogRecord) -> str:
-        entry = {
+        entry: dict[str, Any] = {
             "time": datetime.fromtimestamp(record.created, UTC).isoformat(timespec="milliseconds"),
             "level": record.levelname.lower(),
             "logger": record.name,
             "message": record.getMessage(),
         }
+        access = getattr(record, "access", None)
+        if isinstance(access, dict):
+            entry.update(access)
         if record.exc_info:
             entry["exception"] = self.formatException(record.exc_info)
         return json.dumps(entry)

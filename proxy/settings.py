@@ -56,6 +56,8 @@ class Settings:
     # Idle time between two reads from the upstream; there is deliberately no total timeout, which
     # would cut a long WADO-RS retrieve of a large study.
     read_timeout: float = 300.0
+    # On SIGTERM/SIGINT, in-flight requests get this long to finish before they are cut.
+    shutdown_grace: float = 30.0
     # Request bodies up to this size are buffered so that a 401 can be retried with a fresh token.
     replay_limit: int = 1024 * 1024
     # Refresh this long before expiry when the credential gives no refresh_on (azure-core uses 300 s).
@@ -108,6 +110,7 @@ OPTIONS = (
     Option("log_format", "--log-format", "DICOM_PROXY_LOG_FORMAT"),
     Option("connect_timeout", "--connect-timeout", "DICOM_PROXY_CONNECT_TIMEOUT", "float"),
     Option("read_timeout", "--read-timeout", "DICOM_PROXY_READ_TIMEOUT", "float"),
+    Option("shutdown_grace", "--shutdown-grace", "DICOM_PROXY_SHUTDOWN_GRACE", "float"),
 )
 CONFIG_FLAG, CONFIG_ENV = "--config", "DICOM_PROXY_CONFIG"
 
@@ -225,6 +228,7 @@ def _validate(raw: Mapping[str, Any], environ: Mapping[str, str]) -> Settings:
         upstream_proxy=_environment_proxy(upstream, environ),
         connect_timeout=_positive(raw, "connect_timeout", 10.0),
         read_timeout=_positive(raw, "read_timeout", 300.0),
+        shutdown_grace=_positive(raw, "shutdown_grace", 30.0),
     )
 
 

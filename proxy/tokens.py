@@ -9,11 +9,16 @@ instead of being retried by every request. Nothing here knows about HTTP.
 from __future__ import annotations
 
 import asyncio
+import base64
+import binascii
 import contextlib
+import json
 import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any
 
 from azure.core.credentials import TokenRequestOptions
 from azure.core.credentials_async import AsyncSupportsTokenInfo
@@ -27,11 +32,39 @@ logger = logging.getLogger("proxy.tokens")
 CacheKey = tuple[str, str, str | None]
 
 
+# Called after each acquisition with its result ("ok" or "error") and how long it took in seconds.
+AcquisitionHook = Callable[[str, float], None]
+
+
 @dataclass(frozen=True)
 class Token:
     value: str = field(repr=False)
     expires_on: float
     refresh_at: float
+
+    @property
+    def claims(self) -> dict[str, Any]:
+        return token_claims(self.value)
+
+
+def token_claims(value: str) -> dict[str, Any]:
+    """The JWT's payload, read without verifying it: only for telling the user who and what it is for."""
+    try:
+        payload = value.split(".")[1]
+        claims = json.loads(base64.urlsafe_b64decode(payload + "=" * (-len(payload) % 4)))
+    except (IndexError, ValueError, binascii.Error):
+        return {}
+    return claims if isinstance(claims, dict) else {}
+
+
+def describe_identity(claims: dict[str, Any]) -> str:
+    """Who the token speaks for, in words, for logs and `check` (never the token itself)."""
+    who = claims.get("upn") or claims.get("unique_name") or claims.get("appid") or claims.get("oid") or "unknown"
+    return f"{who} in tenant {claims.get('tid', 'unknown')}"
+
+
+def expiry_text(expires_on: float) -> str:
+    return datetime.fromtimestamp(expires_on, UTC).isoformat(timespec="seconds")
 
 
 class TokenSource:
@@ -49,6 +82,7 @@ class TokenSource:
         min_refresh_interval: float = 10.0,
         max_backoff: float = 60.0,
         clock: Callable[[], float] = time.time,
+        on_acquisition: AcquisitionHook | None = None,
     ) -> None:
         self._credential = credential
         self._scope = scope
@@ -59,6 +93,7 @@ class TokenSource:
         self._min_refresh_interval = min_refresh_interval
         self._max_backoff = max_backoff
         self._clock = clock
+        self._on_acquisition = on_acquisition
         # A token leaves the cache `expiry_margin` seconds before it expires, so that a token handed out
         # is still valid by the time the upstream checks it.
         self._cache: TLRUCache[CacheKey, Token] = TLRUCache(
@@ -129,23 +164,31 @@ class TokenSource:
         try:
             info = await self._credential.get_token_info(self._scope, options=options)
         except AzureError as exc:
-            raise self._failed(_first_line(exc.message or str(exc))) from exc
+            raise self._failed(_first_line(exc.message or str(exc)), started) from exc
         except (OSError, ValueError) as exc:
-            raise self._failed(f"{type(exc).__name__}: {exc}") from exc
+            raise self._failed(f"{type(exc).__name__}: {exc}", started) from exc
         now = self._clock()
+        self._report("ok", now - started)
         refresh_at = info.refresh_on or info.expires_on - self._refresh_margin
         token = Token(info.token, info.expires_on, max(refresh_at, now + self._min_refresh_interval))
         self._cache[self._key] = token
         self._failures, self._last_error = 0, None
         logger.info(
-            "token acquired from the %s credential in %.2fs; expires in %ds",
+            "token acquired from the %s credential in %.2fs for %s; expires at %s (in %ds)",
             self._credential_name,
             now - started,
+            describe_identity(token.claims),
+            expiry_text(info.expires_on),
             int(info.expires_on - now),
         )
         return token
 
-    def _failed(self, reason: str) -> TokenUnavailable:
+    def _report(self, result: str, seconds: float) -> None:
+        if self._on_acquisition is not None:
+            self._on_acquisition(result, seconds)
+
+    def _failed(self, reason: str, started: float) -> TokenUnavailable:
+        self._report("error", self._clock() - started)
         self._failures += 1
         delay = min(self._max_backoff, 2.0 ** (self._failures - 1))
         self._retry_at = self._clock() + delay

@@ -60,6 +60,8 @@ class Upstream:
     revoked: set[str] = field(default_factory=set)
     events: list[str] = field(default_factory=list)
     sent_digests: dict[str, str] = field(default_factory=dict)
+    # When set, every request with a valid token gets this status (403: the identity has no DICOM role).
+    refuse_with: int | None = None
     _loop: asyncio.AbstractEventLoop | None = None
     _runner: web.AppRunner | None = None
     _thread: threading.Thread | None = None
@@ -94,6 +96,7 @@ class Upstream:
     async def _start(self) -> None:
         app = web.Application(middlewares=[self._record, self._authorize])
         app.router.add_route("*", "/echo{tail:.*}", self._echo)
+        app.router.add_get("/v2/studies", self._studies)
         app.router.add_get("/bytes/{size}", self._bytes)
         app.router.add_get("/reset/{size}", self._reset)
         app.router.add_get("/slow/{seconds}", self._slow)
@@ -128,6 +131,8 @@ class Upstream:
             problem = "The access token has been revoked"
         elif float(token_claims(token)["exp"]) < time.time():  # type: ignore[arg-type]
             problem = "The access token has expired"
+        elif token_claims(token)["aud"] != "https://dicom.healthcareapis.azure.com":
+            problem = f"The audience '{token_claims(token)['aud']}' is invalid"
         if problem:
             challenge = (
                 'Bearer authorization_uri="https://login.microsoftonline.com/tenant-one", '
@@ -135,7 +140,18 @@ class Upstream:
                 f'error="invalid_token", error_description="{problem}"'
             )
             return web.json_response({"error": problem}, status=401, headers={"WWW-Authenticate": challenge})
+        if self.refuse_with is not None:
+            return web.json_response(
+                {"error": {"code": "Forbidden", "message": "Authorization failed."}},
+                status=self.refuse_with,
+                headers={
+                    "WWW-Authenticate": 'Bearer error="insufficient_scope", error_description="Authorization failed"'
+                },
+            )
         return await handler(request)
+
+    async def _studies(self, request: web.Request) -> web.Response:
+        return web.json_response([], content_type="application/dicom+json")
 
     async def _echo(self, request: web.Request) -> web.Response:
         digest = hashlib.sha256()

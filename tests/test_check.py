@@ -1,0 +1,88 @@
+"""`dicom-auth-proxy check` against the az stand-in and the fake upstream, as a user runs it."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+from .conftest import free_port
+
+
+def check(env, *flags: str) -> subprocess.CompletedProcess[str]:  # noqa: ANN001
+    return subprocess.run(
+        [sys.executable, "-m", "proxy", "check", *flags], env=env, capture_output=True, text=True, timeout=60
+    )
+
+
+def lines(result: subprocess.CompletedProcess[str]) -> dict[str, str]:
+    """Step name -> its whole line."""
+    found = {}
+    for line in result.stdout.splitlines():
+        if line.startswith(("ok  ", "FAIL")):
+            found[line[6:].split(":", 1)[0]] = line
+    return found
+
+
+def test_everything_passes_with_a_good_setup(proxy_env, upstream, ca_bundle, az):
+    result = check(proxy_env, "--upstream", upstream.url, "--ca-bundle", str(ca_bundle))
+    assert result.returncode == 0, result.stdout
+    found = lines(result)
+    assert list(found) == [
+        "az found",
+        "signed in",
+        "audience",
+        "identity",
+        "expiry",
+        "upstream reachable",
+        "upstream accepts the token",
+    ]
+    assert all(line.startswith("ok  ") for line in found.values())
+    assert str(az.directory / "az") in found["az found"]
+    assert "radiologist@example.org in tenant tenant-one" in found["identity"]
+    assert f"GET {upstream.url}/v2/studies?limit=1 answered 200" in found["upstream accepts the token"]
+    assert result.stdout.rstrip().endswith("all checks passed")
+    assert az.issued_tokens()[0].split(".")[1] not in result.stdout + result.stderr
+
+
+def test_logged_out(proxy_env, upstream, ca_bundle, az):
+    az.configure(mode="logged_out")
+    result = check(proxy_env, "--upstream", upstream.url, "--ca-bundle", str(ca_bundle))
+    assert result.returncode == 1
+    found = lines(result)
+    assert found["signed in"].startswith("FAIL") and "fix: run 'az login'" in found["signed in"]
+    assert found["upstream reachable"].startswith("ok")
+    assert "upstream accepts the token" not in found
+
+
+def test_az_missing(proxy_env, upstream, ca_bundle, tmp_path):
+    result = check(dict(proxy_env, PATH=str(tmp_path)), "--upstream", upstream.url, "--ca-bundle", str(ca_bundle))
+    assert result.returncode == 1
+    assert "install the Azure CLI" in lines(result)["az found"]
+
+
+def test_wrong_audience_is_named(proxy_env, upstream, ca_bundle, az):
+    az.configure(audience="https://management.azure.com")
+    result = check(proxy_env, "--upstream", upstream.url, "--ca-bundle", str(ca_bundle))
+    assert result.returncode == 1
+    found = lines(result)
+    assert found["audience"].startswith("FAIL  audience: the token is for https://management.azure.com")
+    assert "401, wrong audience" in found["upstream accepts the token"]
+    assert "--audience https://dicom.healthcareapis.azure.com" in found["upstream accepts the token"]
+
+
+def test_missing_role_is_told_apart_from_a_bad_token(proxy_env, upstream, ca_bundle):
+    upstream.refuse_with = 403
+    result = check(proxy_env, "--upstream", upstream.url, "--ca-bundle", str(ca_bundle))
+    assert result.returncode == 1
+    line = lines(result)["upstream accepts the token"]
+    assert "403, the identity has no DICOM role" in line and "DICOM Data Reader" in line
+
+
+def test_untrusted_tls_and_unreachable_upstreams(proxy_env, upstream, ca_bundle):
+    untrusted = check(proxy_env, "--upstream", upstream.url)
+    assert untrusted.returncode == 1
+    assert "--ca-bundle" in lines(untrusted)["upstream reachable"]
+    down = check(proxy_env, "--upstream", f"https://127.0.0.1:{free_port()}", "--ca-bundle", str(ca_bundle))
+    assert down.returncode == 1
+    assert lines(down)["upstream reachable"].startswith("FAIL")
+    assert "Traceback" not in untrusted.stderr + down.stderr

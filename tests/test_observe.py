@@ -1,0 +1,159 @@
+"""Local endpoints, metrics, request ids, logs and graceful shutdown of a running proxy."""
+
+from __future__ import annotations
+
+import json
+import signal
+import threading
+
+import pytest
+import requests
+from prometheus_client.parser import text_string_to_metric_families
+
+from .conftest import wait_for
+
+
+def samples(text: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+    found = {}
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            found[(sample.name, tuple(sorted(sample.labels.items())))] = sample.value
+    return found
+
+
+def test_health_never_touches_the_token(start_proxy, az, upstream):
+    az.configure(mode="logged_out")
+    proxy = start_proxy()
+    calls = az.calls
+    for _ in range(5):
+        response = requests.get(f"{proxy.url}/-/health", timeout=10)
+        assert (response.status_code, response.json()) == (200, {"status": "ok"})
+    assert az.calls == calls
+    assert requests.get(f"{proxy.url}/-/ready", timeout=10).status_code == 503
+    assert upstream.seen == []
+
+
+def test_unknown_local_endpoints_are_not_forwarded(start_proxy, upstream):
+    proxy = start_proxy()
+    response = requests.get(f"{proxy.url}/-/studies", timeout=10)
+    assert response.status_code == 404
+    assert response.json()["error"] == "not_found"
+    assert upstream.seen == []
+
+
+def test_metrics_count_requests_bytes_errors_and_tokens(start_proxy, az, upstream):
+    proxy = start_proxy()
+    for _ in range(3):
+        assert requests.get(f"{proxy.url}/bytes/1000", timeout=10).status_code == 200
+    assert requests.post(f"{proxy.url}/echo/up", data=b"u" * 5000, timeout=10).status_code == 200
+    assert requests.get(f"{proxy.url}/echo/x", headers={"Host": "evil.example"}, timeout=10).status_code == 421
+    with pytest.raises(requests.exceptions.RequestException):
+        requests.get(f"{proxy.url}/reset/100000", timeout=10)
+    response = requests.get(f"{proxy.url}/-/metrics", timeout=10)
+    assert response.headers["Content-Type"].startswith("text/plain")
+    found = samples(response.text)
+    assert found[("dicom_proxy_requests_total", (("method", "GET"), ("status", "2xx")))] >= 4
+    assert found[("dicom_proxy_requests_total", (("method", "POST"), ("status", "2xx")))] == 1
+    assert found[("dicom_proxy_requests_total", (("method", "GET"), ("status", "4xx")))] == 1
+    assert found[("dicom_proxy_upstream_errors_total", (("kind", "reset"),))] == 1
+    assert found[("dicom_proxy_received_bytes_total", ())] >= 5000
+    assert found[("dicom_proxy_sent_bytes_total", ())] >= 3000
+    assert found[("dicom_proxy_token_acquisitions_total", (("result", "ok"),))] == 1
+    assert found[("dicom_proxy_token_acquisition_duration_seconds_count", ())] == 1
+    assert 3000 < found[("dicom_proxy_token_expires_in_seconds", ())] <= 3600
+    assert found[("dicom_proxy_requests_in_flight", ())] == 1  # this scrape itself
+    assert found[("dicom_proxy_request_duration_seconds_count", ())] >= 6
+    assert az.issued_tokens()[0].split(".")[1] not in response.text
+
+
+def test_metrics_count_failed_token_acquisitions_and_connect_errors(start_proxy, az, upstream):
+    az.configure(mode="logged_out")
+    proxy = start_proxy(upstream_url="https://127.0.0.1:9")
+    assert requests.get(f"{proxy.url}/v2/studies", timeout=10).status_code == 503
+    found = samples(requests.get(f"{proxy.url}/-/metrics", timeout=10).text)
+    assert found[("dicom_proxy_token_acquisitions_total", (("result", "error"),))] >= 1
+    assert found[("dicom_proxy_token_expires_in_seconds", ())] == 0
+    az.configure()
+    wait_for(
+        lambda: requests.get(f"{proxy.url}/-/ready", timeout=10).status_code == 200,
+        timeout=20,
+        what="the token to arrive",
+    )
+    assert requests.get(f"{proxy.url}/v2/studies", timeout=10).status_code == 502
+    found = samples(requests.get(f"{proxy.url}/-/metrics", timeout=10).text)
+    assert found[("dicom_proxy_upstream_errors_total", (("kind", "connect"),))] == 1
+
+
+def test_request_ids_are_sent_back_and_logged(start_proxy, upstream):
+    proxy = start_proxy()
+    generated = requests.get(f"{proxy.url}/echo/x", timeout=10).headers["X-Request-Id"]
+    assert len(generated) == 32
+    kept = requests.get(f"{proxy.url}/echo/x", headers={"X-Request-Id": "viewer-42"}, timeout=10)
+    assert kept.headers["X-Request-Id"] == "viewer-42"
+    forged = requests.get(f"{proxy.url}/echo/x", headers={"X-Request-Id": 'a b" injected=1'}, timeout=10)
+    assert forged.headers["X-Request-Id"] != 'a b" injected=1'
+    refused = requests.get(f"{proxy.url}/echo/x", headers={"Host": "evil.example"}, timeout=10)
+    assert refused.headers["X-Request-Id"]
+    proxy.stop()
+    output = proxy.output()
+    assert f"id={generated}" in output and "id=viewer-42" in output
+
+
+def test_the_banner_says_what_to_paste_and_who_is_signed_in(start_proxy, upstream):
+    proxy = start_proxy()
+    wait_for(lambda: "token acquired" in proxy.output(), what="the first token")
+    output = proxy.output()
+    assert f"DICOMweb base URL for viewers and scripts: http://127.0.0.1:{proxy.port}/v2" in output
+    assert f"-> {upstream.url} (credential: cli" in output
+    assert "radiologist@example.org in tenant tenant-one" in output
+    assert "expires at 20" in output
+
+
+def test_json_logs_are_one_object_per_line(start_proxy, upstream):
+    proxy = start_proxy("--log-format", "json")
+    assert requests.get(f"{proxy.url}/echo/v2/studies?PatientName=Doe", timeout=10).status_code == 200
+    proxy.stop()
+    entries = [json.loads(line) for line in proxy.output().splitlines() if line.strip()]
+    access = [entry for entry in entries if entry.get("path") == "/echo/v2/studies"]
+    assert len(access) == 1
+    assert (access[0]["method"], access[0]["status"], access[0]["level"]) == ("GET", 200, "info")
+    assert "Doe" not in proxy.output()
+
+
+def test_token_failures_are_logged_with_reason_and_hint(start_proxy, az, upstream):
+    az.configure(mode="logged_out")
+    proxy = start_proxy()
+    wait_for(lambda: "retrying in" in proxy.output(), what="the failure to be logged")
+    line = next(line for line in proxy.output().splitlines() if "retrying in" in line)
+    assert "Please run 'az login'" in line and "Hint: Sign in with 'az login'" in line
+
+
+def test_sigterm_lets_in_flight_requests_finish(start_proxy, upstream):
+    proxy = start_proxy()
+    results: list[int] = []
+    slow = threading.Thread(target=lambda: results.append(requests.get(f"{proxy.url}/slow/2", timeout=30).status_code))
+    slow.start()
+    wait_for(lambda: any(seen.raw_path == "/slow/2" for seen in upstream.seen), what="the slow request")
+    proxy.process.send_signal(signal.SIGTERM)
+    slow.join(30)
+    assert results == [200]
+    assert proxy.process.wait(30) == 0
+
+
+def test_the_grace_period_bounds_the_wait(start_proxy, upstream):
+    proxy = start_proxy("--shutdown-grace", "1")
+    failures: list[type] = []
+
+    def slow_request() -> None:
+        try:
+            requests.get(f"{proxy.url}/slow/60", timeout=60)
+        except requests.exceptions.RequestException as error:
+            failures.append(type(error))
+
+    slow = threading.Thread(target=slow_request)
+    slow.start()
+    wait_for(lambda: any(seen.raw_path == "/slow/60" for seen in upstream.seen), what="the slow request")
+    proxy.process.send_signal(signal.SIGINT)
+    assert proxy.process.wait(20) == 0
+    slow.join(30)
+    assert failures, "the request cut by shutdown must fail, not succeed"
