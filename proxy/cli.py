@@ -60,6 +60,20 @@ def _add_options(command: argparse.ArgumentParser) -> None:
     add("--log-format", choices=LOG_FORMATS, help="text (default) or json")
     add("--connect-timeout", metavar="SECONDS", type=float, help="upstream connect timeout (default 10)")
     add("--read-timeout", metavar="SECONDS", type=float, help="upstream idle read timeout (default 300)")
+    add(
+        "--no-rewrite",
+        dest="rewrite",
+        action="store_false",
+        default=None,
+        help="pass upstream URLs in headers and bodies through unchanged",
+    )
+    add(
+        "--rewrite-limit",
+        dest="rewrite_limit_mib",
+        metavar="MIB",
+        type=float,
+        help="largest JSON/XML body rewritten, in MiB (default 32)",
+    )
     add("--shutdown-grace", metavar="SECONDS", type=float, help="time in-flight requests get on SIGTERM (default 30)")
 
 

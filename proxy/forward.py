@@ -13,10 +13,21 @@ from urllib.parse import unquote
 
 import aiohttp
 from aiohttp import web
+from multidict import CIMultiDict
 from yarl import URL
 
 from .errors import UPSTREAM_FAILURE, RequestRefused, UpstreamTimeout, UpstreamUnreachable
 from .headers import client_response_headers, upstream_request_headers
+from .rewrite import (
+    BaseMapping,
+    body_kind,
+    decode,
+    mapping_for,
+    rewrite_body,
+    rewrite_headers,
+    upstream_path,
+    with_multipart_type,
+)
 from .settings import Settings
 from .tokens import TokenSource
 
@@ -43,7 +54,7 @@ class Forwarder:
         path = raw_target.split("?", 1)[0]
         if any(segment in (".", "..") for segment in _SEGMENT_SEPARATORS.split(unquote(path))):
             raise RequestRefused("the path contains '.' or '..' segments, which could climb above the base path")
-        return URL(self._origin + self._base_path + raw_target, encoded=True)
+        return URL(self._origin + upstream_path(self._base_path, raw_target), encoded=True)
 
     async def __call__(self, request: web.Request) -> web.StreamResponse:
         url = self.upstream_url(request.raw_path)
@@ -101,13 +112,41 @@ class Forwarder:
             request[UPSTREAM_FAILURE] = "connect"
             raise UpstreamUnreachable(f"cannot reach {url.host}: {exc or type(exc).__name__}") from exc
 
+    def _response_headers(self, request: web.Request, upstream: aiohttp.ClientResponse) -> CIMultiDict[str]:
+        headers = client_response_headers(upstream.headers)
+        if self._settings.rewrite:
+            rewrite_headers(headers, self._mapping(request))
+        content_type = with_multipart_type(headers.get("Content-Type"), request.headers.get("Accept"))
+        if content_type is not None:
+            headers["Content-Type"] = content_type
+        return headers
+
+    def _mapping(self, request: web.Request) -> BaseMapping:
+        # request.host passed the Host allowlist, so the client is sent back to the name it used.
+        return mapping_for(self._origin, self._base_path, f"{request.scheme}://{request.host}")
+
     async def _relay(self, request: web.Request, upstream: aiohttp.ClientResponse) -> web.StreamResponse:
-        response = web.StreamResponse(
-            status=upstream.status,
-            reason=upstream.reason,
-            headers=client_response_headers(upstream.headers),
-        )
+        headers = self._response_headers(request, upstream)
+        held = b""
+        kind = body_kind(headers.get("Content-Type")) if self._settings.rewrite else None
+        if kind is not None and request.method != "HEAD" and upstream.status not in (204, 304):
+            held, complete = await self._hold(request, upstream)
+            if complete:
+                rewritten = self._rewritten(held, kind, headers, request)
+                if rewritten is not None:
+                    return web.Response(status=upstream.status, reason=upstream.reason, headers=headers, body=rewritten)
+            else:
+                logger.warning(
+                    "%s %s: the %s answer is larger than the rewrite limit (%d bytes); passing it on unrewritten",
+                    request.method,
+                    request.path,
+                    kind.upper(),
+                    self._settings.rewrite_limit,
+                )
+        response = web.StreamResponse(status=upstream.status, reason=upstream.reason, headers=headers)
         await response.prepare(request)
+        if held and not await self._write(request, response, held):
+            return response
         while True:
             try:
                 chunk = await upstream.content.readany()
@@ -125,11 +164,46 @@ class Forwarder:
                 return response
             if not chunk:
                 break
-            try:
-                await response.write(chunk)
-            except ConnectionResetError:
-                # The client went away; leaving closes the upstream connection, which cancels its side.
-                logger.info("client went away during %s %s", request.method, request.path)
+            if not await self._write(request, response, chunk):
                 return response
         await response.write_eof()
         return response
+
+    async def _write(self, request: web.Request, response: web.StreamResponse, chunk: bytes) -> bool:
+        try:
+            await response.write(chunk)
+        except ConnectionResetError:
+            # The client went away; leaving closes the upstream connection, which cancels its side.
+            logger.info("client went away during %s %s", request.method, request.path)
+            return False
+        return True
+
+    async def _hold(self, request: web.Request, upstream: aiohttp.ClientResponse) -> tuple[bytes, bool]:
+        """Read a body up to the rewrite limit: (the bytes, whether that was all of it)."""
+        limit = self._settings.rewrite_limit
+        if upstream.content_length is not None and upstream.content_length > limit:
+            return b"", False
+        chunks: list[bytes] = []
+        size = 0
+        try:
+            while size <= limit:
+                chunk = await upstream.content.readany()
+                if not chunk:
+                    return b"".join(chunks), True
+                chunks.append(chunk)
+                size += len(chunk)
+        except (TimeoutError, aiohttp.ClientError) as exc:
+            # Nothing has reached the client yet, so it can still get a clear error instead of a cut body.
+            request[UPSTREAM_FAILURE] = "timeout" if isinstance(exc, TimeoutError) else "reset"
+            raise UpstreamUnreachable(f"the upstream broke off its answer ({type(exc).__name__})") from exc
+        return b"".join(chunks), False
+
+    def _rewritten(self, body: bytes, kind: str, headers: CIMultiDict[str], request: web.Request) -> bytes | None:
+        """The body with upstream URLs made local, sent identity-encoded; None to send it as it came."""
+        plain = decode(body, headers.get("Content-Encoding"), self._settings.rewrite_limit)
+        rewritten = rewrite_body(plain, kind, self._mapping(request)) if plain is not None else None
+        if rewritten is None:
+            return None
+        for stale in ("Content-Encoding", "Content-Length", "Content-MD5"):
+            headers.popall(stale, None)
+        return rewritten

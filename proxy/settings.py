@@ -56,6 +56,9 @@ class Settings:
     # Idle time between two reads from the upstream; there is deliberately no total timeout, which
     # would cut a long WADO-RS retrieve of a large study.
     read_timeout: float = 300.0
+    # Rewrite upstream URLs in Location/Content-Location and JSON/XML bodies up to rewrite_limit bytes.
+    rewrite: bool = True
+    rewrite_limit: int = 32 * 1024 * 1024
     # On SIGTERM/SIGINT, in-flight requests get this long to finish before they are cut.
     shutdown_grace: float = 30.0
     # Request bodies up to this size are buffered so that a 401 can be retried with a fresh token.
@@ -111,6 +114,8 @@ OPTIONS = (
     Option("connect_timeout", "--connect-timeout", "DICOM_PROXY_CONNECT_TIMEOUT", "float"),
     Option("read_timeout", "--read-timeout", "DICOM_PROXY_READ_TIMEOUT", "float"),
     Option("shutdown_grace", "--shutdown-grace", "DICOM_PROXY_SHUTDOWN_GRACE", "float"),
+    Option("rewrite", "--no-rewrite", "DICOM_PROXY_REWRITE", "bool"),
+    Option("rewrite_limit_mib", "--rewrite-limit", "DICOM_PROXY_REWRITE_LIMIT_MIB", "float"),
 )
 CONFIG_FLAG, CONFIG_ENV = "--config", "DICOM_PROXY_CONFIG"
 
@@ -229,6 +234,8 @@ def _validate(raw: Mapping[str, Any], environ: Mapping[str, str]) -> Settings:
         connect_timeout=_positive(raw, "connect_timeout", 10.0),
         read_timeout=_positive(raw, "read_timeout", 300.0),
         shutdown_grace=_positive(raw, "shutdown_grace", 30.0),
+        rewrite=bool(raw.get("rewrite", True)),
+        rewrite_limit=int(_positive(raw, "rewrite_limit_mib", 32.0) * 1024 * 1024),
     )
 
 
@@ -327,11 +334,12 @@ def _allowed_hosts(extra: list[str], listen_host: str) -> tuple[str, ...]:
 
 
 def _positive(raw: Mapping[str, Any], name: str, default: float) -> float:
+    flag = next(option.flag for option in OPTIONS if option.name == name)
     value = raw.get(name, default)
     try:
         number = float(value)
     except (TypeError, ValueError) as exc:
-        raise ConfigurationError(f"--{name.replace('_', '-')}: expected seconds, got {value!r}") from exc
+        raise ConfigurationError(f"{flag}: expected a number, got {value!r}") from exc
     if number <= 0:
-        raise ConfigurationError(f"--{name.replace('_', '-')}: must be more than 0, got {value!r}")
+        raise ConfigurationError(f"{flag}: must be more than 0, got {value!r}")
     return number
