@@ -97,6 +97,16 @@ class Upstream:
         app = web.Application(middlewares=[self._record, self._authorize])
         app.router.add_route("*", "/echo{tail:.*}", self._echo)
         app.router.add_get("/v2/studies", self._studies)
+        app.router.add_post("/{version:v[12]}/studies", self._stow)
+        app.router.add_post("/v2/partitions/{partition}/studies", self._stow)
+        app.router.add_post("/v2/extendedquerytags", self._add_tags)
+        app.router.add_get("/v2/operations/{id}", self._operation)
+        app.router.add_get("/v2/extendedquerytags/{tag}", self._tag)
+        app.router.add_post("/v2/workitems", self._workitem)
+        app.router.add_get("/v2/gzip-json", self._gzip_json)
+        app.router.add_get("/v2/xml", self._xml)
+        app.router.add_get("/v2/big-json/{mib}", self._big_json)
+        app.router.add_get("/v2/studies/{study}/series", self._multipart)
         app.router.add_get("/bytes/{size}", self._bytes)
         app.router.add_get("/reset/{size}", self._reset)
         app.router.add_get("/slow/{seconds}", self._slow)
@@ -149,6 +159,85 @@ class Upstream:
                 },
             )
         return await handler(request)
+
+    def link(self, request: web.Request, path: str) -> str:
+        """An absolute URL of the service itself, the way Azure writes them."""
+        return f"{self.url}{path}"
+
+    async def _stow(self, request: web.Request) -> web.Response:
+        await request.read()
+        partition = request.match_info.get("partition")
+        base = f"/v2/partitions/{partition}" if partition else f"/{request.match_info.get('version', 'v2')}"
+        study = f"{base}/studies/1.2.3"
+        body = {
+            "00081190": {"vr": "UR", "Value": [self.link(request, study)]},
+            "00081199": {
+                "vr": "SQ",
+                "Value": [
+                    {"00081190": {"vr": "UR", "Value": [self.link(request, f"{study}/series/4/instances/5")]}},
+                    {"00081190": {"vr": "UR", "Value": ["https://other.example/v2/studies/1.2.3"]}},
+                ],
+            },
+            "00081196": {"vr": "US", "Value": [0]},
+        }
+        return web.json_response(body, content_type="application/dicom+json")
+
+    async def _add_tags(self, request: web.Request) -> web.Response:
+        href = self.link(request, "/v2/operations/op-1")
+        return web.json_response({"id": "op-1", "href": href}, status=202, headers={"Location": href})
+
+    async def _operation(self, request: web.Request) -> web.Response:
+        return web.json_response(
+            {
+                "operationId": request.match_info["id"],
+                "status": "succeeded",
+                "resources": [self.link(request, "/v2/extendedquerytags/00101001")],
+                "results": {"errorHref": "https://account.blob.core.windows.net/export/errors.log"},
+            }
+        )
+
+    async def _tag(self, request: web.Request) -> web.Response:
+        tag = request.match_info["tag"]
+        return web.json_response(
+            {
+                "path": tag,
+                "errors": {"count": 1, "href": self.link(request, f"/v2/extendedquerytags/{tag}/errors")},
+                "operation": {"id": "op-1", "href": self.link(request, "/v2/operations/op-1")},
+                "description": f"copied from {self.url}/v2/elsewhere",
+            }
+        )
+
+    async def _workitem(self, request: web.Request) -> web.Response:
+        href = self.link(request, "/v2/workitems/1.2.840.1")
+        return web.Response(status=201, headers={"Location": href, "Content-Location": href})
+
+    async def _gzip_json(self, request: web.Request) -> web.Response:
+        document = [{"00081190": {"vr": "UR", "Value": [self.link(request, f"/v2/studies/{n}")]}} for n in range(50)]
+        return web.Response(
+            body=gzip.compress(json.dumps(document).encode()),
+            headers={"Content-Encoding": "gzip", "Content-Type": "application/dicom+json"},
+        )
+
+    async def _xml(self, request: web.Request) -> web.Response:
+        body = (
+            '<?xml version="1.0" encoding="UTF-8"?>\n<NativeDicomModel>'
+            '<DicomAttribute tag="00081190" vr="UR" keyword="RetrieveURL">'
+            f'<Value number="1">{self.link(request, "/v2/studies/1.2.3")}</Value></DicomAttribute>'
+            '<DicomAttribute tag="00081190" vr="UR" keyword="RetrieveURL">'
+            '<Value number="1">https://other.example/v2/studies/9</Value></DicomAttribute>'
+            "</NativeDicomModel>"
+        )
+        return web.Response(text=body, content_type="application/dicom+xml")
+
+    async def _big_json(self, request: web.Request) -> web.Response:
+        size = int(request.match_info["mib"]) * 1024 * 1024
+        item = json.dumps({"00081190": {"vr": "UR", "Value": [self.link(request, "/v2/studies/1")]}})
+        count = size // (len(item) + 1) + 1
+        return web.Response(text="[" + ",".join([item] * count) + "]", content_type="application/dicom+json")
+
+    async def _multipart(self, request: web.Request) -> web.Response:
+        body = b"--xyz\r\nContent-Type: application/dicom\r\n\r\nDICM\r\n--xyz--\r\n"
+        return web.Response(body=body, headers={"Content-Type": "multipart/related; boundary=xyz"})
 
     async def _studies(self, request: web.Request) -> web.Response:
         return web.json_response([], content_type="application/dicom+json")
