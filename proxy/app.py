@@ -7,7 +7,6 @@ start-up hook and closed in the matching clean-up, so building an app is cheap a
 from __future__ import annotations
 
 import logging
-import re
 import ssl
 from collections.abc import AsyncIterator, Awaitable, Callable
 
@@ -136,9 +135,8 @@ def upstream_session(settings: Settings) -> aiohttp.ClientSession:
 
 
 def viewer_base_url(settings: Settings) -> str:
-    """What to paste into a viewer: the local URL plus the API version when the upstream has none."""
-    has_version = re.search(r"/v\d+(\.\d+)?$", settings.upstream.raw_path) is not None
-    return settings.local_url + ("" if has_version else "/v2")
+    """What to paste into a viewer: the local URL, plus /v2 when the upstream is a bare Azure service root."""
+    return settings.local_url + ("/v2" if settings.upstream.raw_path in ("", "/") else "")
 
 
 def log_banner(settings: Settings) -> None:

@@ -38,6 +38,24 @@ Body = bytes | aiohttp.StreamReader | None
 _SEGMENT_SEPARATORS = re.compile(r"[/\\]")
 
 
+def local_origin(request: web.Request) -> str:
+    """The origin the client used: its Host (which passed the allowlist), with the port it really connected to.
+
+    Some clients send a Host without the port (dicomweb-client does, on non-default ports); links built
+    from it would point at port 80, so the port the connection arrived on fills the gap.
+    """
+    host = request.host
+    try:
+        has_port = URL(f"//{host}").explicit_port is not None
+    except ValueError:
+        has_port = True  # leave a Host yarl cannot read as it is
+    if not has_port and request.transport is not None:
+        sockname = request.transport.get_extra_info("sockname")
+        if sockname and sockname[1] not in (80, 443):
+            host = f"{host}:{sockname[1]}"
+    return f"{request.scheme}://{host}"
+
+
 class Forwarder:
     """The catch-all handler: everything that is not a local endpoint goes through here."""
 
@@ -122,8 +140,7 @@ class Forwarder:
         return headers
 
     def _mapping(self, request: web.Request) -> BaseMapping:
-        # request.host passed the Host allowlist, so the client is sent back to the name it used.
-        return mapping_for(self._origin, self._base_path, f"{request.scheme}://{request.host}")
+        return mapping_for(self._origin, self._base_path, local_origin(request))
 
     async def _relay(self, request: web.Request, upstream: aiohttp.ClientResponse) -> web.StreamResponse:
         headers = self._response_headers(request, upstream)

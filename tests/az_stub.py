@@ -3,7 +3,7 @@
 It answers `az account get-access-token --output json --resource R [--tenant T]` the way the real CLI
 does, driven by state.json beside it, and appends each call to calls.log so tests can count them.
 state.json keys: mode (ok | logged_out | fail | garbage | hang), delay (seconds), lifetime (seconds),
-audience (overrides the resource in the token's aud claim), tenant.
+audience (overrides the resource in the token's aud claim), tenant, token (hand out exactly this token).
 """
 
 import base64
@@ -58,7 +58,7 @@ def main() -> int:
             "serial": serial,
         }
         header = b64(json.dumps({"alg": "none", "typ": "JWT"}).encode())
-        token = f"{header}.{b64(json.dumps(claims).encode())}.stub-signature-{serial}"
+        token = state.get("token") or f"{header}.{b64(json.dumps(claims).encode())}.stub-signature-{serial}"
         issued.write(token + "\n")
     local = time.strftime("%Y-%m-%d %H:%M:%S.000000", time.localtime(expires_on))
     answer = {

@@ -200,3 +200,11 @@ def test_versions_and_partitions_with_a_versioned_upstream(start_proxy, upstream
     assert upstream.seen[-1].raw_path == expected_upstream_path
     retrieve_url = answer.json()["00081190"]["Value"][0]
     assert retrieve_url == f"{proxy.url}{expected_upstream_path}/1.2.3"
+
+
+@pytest.mark.parametrize("host", ["127.0.0.1", "localhost"])
+def test_a_host_without_its_port_gets_the_port_the_client_connected_to(start_proxy, upstream, host):
+    # dicomweb-client sends Host without the port; links must still lead back to this proxy.
+    proxy = start_proxy()
+    answer = requests.post(f"{proxy.url}/v2/studies", data=b"DICM", headers={"Host": host}, timeout=10)
+    assert answer.json()["00081190"]["Value"] == [f"http://{host}:{proxy.port}/v2/studies/1.2.3"]
