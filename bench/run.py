@@ -1,0 +1,322 @@
+"""Benchmark: dicom-auth-proxy against a direct connection and nginx as a static-token proxy, side by side.
+
+    python bench/run.py [--seconds 10] [--json bench/results/latest.json]
+
+Starts on loopback: nginx as a fast upstream (a 2 KB JSON file, a 1 GiB file, an upload sink), nginx as
+a static-token proxy in front of it (the baseline), and dicom-auth-proxy with its defaults and the `az`
+stand-in from tests/. Load comes from wrk and curl (Debian packages wrk, nginx, curl). Prints a table and
+writes JSON; it is not part of the test suite and asserts nothing, it reports the targets met or missed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from datetime import UTC, datetime
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+NAMES = ("direct", "nginx", "proxy")
+GiB = 1024**3
+MiB = 1024**2
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def wait_listening(port: int, timeout: float = 20.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
+            return
+        except OSError:
+            time.sleep(0.05)
+    raise SystemExit(f"nothing listens on port {port} after {timeout}s")
+
+
+NGINX_COMMON = """
+worker_processes 1;
+daemon off;
+pid {home}/{name}.pid;
+error_log {home}/{name}-error.log warn;
+events {{ worker_connections 4096; }}
+http {{
+    access_log off;
+    client_body_temp_path {home}/{name}-body;
+    proxy_temp_path {home}/{name}-proxy;
+    fastcgi_temp_path {home}/{name}-fastcgi;
+    uwsgi_temp_path {home}/{name}-uwsgi;
+    scgi_temp_path {home}/{name}-scgi;
+    sendfile on;
+    keepalive_requests 1000000;
+    {body}
+}}
+"""
+
+UPSTREAM = """
+    server {{
+        listen 127.0.0.1:{port};
+        root {home}/files;
+        location = /sink {{ client_max_body_size 0; return 204; }}
+        location / {{ default_type application/json; }}
+    }}
+"""
+
+BASELINE = """
+    upstream service {{ server 127.0.0.1:{upstream}; keepalive 64; }}
+    server {{
+        listen 127.0.0.1:{port};
+        client_max_body_size 0;
+        location / {{
+            proxy_pass http://service;
+            proxy_http_version 1.1;
+            proxy_set_header Connection "";
+            proxy_set_header Authorization "Bearer X";
+            proxy_buffering off;
+            proxy_request_buffering off;
+        }}
+    }}
+"""
+
+
+class Bench:
+    def __init__(self, seconds: int) -> None:
+        self.seconds = seconds
+        self.home = Path(tempfile.mkdtemp(prefix="dicom-proxy-bench-"))
+        self.home.chmod(0o755)  # nginx workers drop root and must read the files
+        self.processes: list[subprocess.Popen[bytes]] = []
+
+    def close(self) -> None:
+        for process in self.processes:
+            process.send_signal(signal.SIGTERM)
+        for process in self.processes:
+            try:
+                process.wait(15)
+            except subprocess.TimeoutExpired:
+                process.kill()
+        shutil.rmtree(self.home, ignore_errors=True)
+
+    def start_nginx(self, name: str, body: str) -> None:
+        config = self.home / f"{name}.conf"
+        config.write_text(NGINX_COMMON.format(home=self.home, name=name, body=body))
+        nginx = shutil.which("nginx") or "/usr/sbin/nginx"
+        self.processes.append(subprocess.Popen([nginx, "-c", str(config), "-e", str(self.home / f"{name}-error.log")]))
+
+    def start(self) -> dict[str, str]:
+        files = self.home / "files"
+        files.mkdir()
+        study = [{"0020000D": {"vr": "UI", "Value": [f"1.2.3.{n}"]}, "00100010": {"vr": "PN"}} for n in range(28)]
+        (files / "small.json").write_text(json.dumps(study)[:2048])
+        with (files / "big.bin").open("wb") as handle:
+            block = os.urandom(MiB)
+            for _ in range(1024):
+                handle.write(block)
+        with (self.home / "upload.bin").open("wb") as handle:
+            for _ in range(512):
+                handle.write(block)
+
+        upstream, baseline, proxy = free_port(), free_port(), free_port()
+        self.start_nginx("upstream", UPSTREAM.format(port=upstream, home=self.home))
+        self.start_nginx("baseline", BASELINE.format(port=baseline, upstream=upstream))
+
+        az = self.home / "az-bin"
+        az.mkdir()
+        script = az / "az"
+        script.write_text(f"#!{sys.executable}\n" + (ROOT / "tests" / "az_stub.py").read_text())
+        script.chmod(0o755)
+        (az / "state.json").write_text("{}")
+        self.az_calls = az / "calls.log"
+        env = dict(os.environ, PATH=f"{az}{os.pathsep}{os.environ['PATH']}")
+        self.proxy_log = (self.home / "proxy.log").open("wb")
+        self.proxy = subprocess.Popen(
+            [sys.executable, "-m", "proxy", "serve", "--upstream", f"http://127.0.0.1:{upstream}",
+             "--listen", f"127.0.0.1:{proxy}"],
+            env=env, cwd=ROOT, stdout=self.proxy_log, stderr=subprocess.STDOUT,
+        )  # fmt: skip
+        self.processes.append(self.proxy)
+        for port in (upstream, baseline, proxy):
+            wait_listening(port)
+        # Warm-up: the first token, pooled connections.
+        for _ in range(50):
+            subprocess.run(["curl", "-sf", "-o", "/dev/null", f"http://127.0.0.1:{proxy}/small.json"], check=True)
+        return {
+            "direct": f"http://127.0.0.1:{upstream}",
+            "nginx": f"http://127.0.0.1:{baseline}",
+            "proxy": f"http://127.0.0.1:{proxy}",
+        }
+
+    def az_runs(self) -> int:
+        return len(self.az_calls.read_text().splitlines())
+
+    def wrk(self, url: str, connections: int) -> dict[str, float]:
+        result = subprocess.run(
+            ["wrk", "-t2", f"-c{connections}", f"-d{int(self.seconds)}s", "--latency", f"{url}/small.json"],
+            capture_output=True, text=True, check=True,
+        )  # fmt: skip
+        output = result.stdout
+        rate = float(re.search(r"Requests/sec:\s+([\d.]+)", output).group(1))  # type: ignore[union-attr]
+        errors = re.search(r"Non-2xx or 3xx responses: (\d+)", output)
+        return {
+            "requests_per_second": rate,
+            "p50_ms": _milliseconds(re.search(r"50%\s+([\d.]+\w+)", output).group(1)),  # type: ignore[union-attr]
+            "p99_ms": _milliseconds(re.search(r"99%\s+([\d.]+\w+)", output).group(1)),  # type: ignore[union-attr]
+            "non_2xx": float(errors.group(1)) if errors else 0.0,
+        }
+
+    def download(self, url: str) -> float:
+        """Best of two 1 GiB downloads, in bytes per second."""
+        speeds = []
+        for _ in range(2):
+            result = subprocess.run(
+                ["curl", "-sf", "-o", "/dev/null", "-w", "%{speed_download} %{size_download}", f"{url}/big.bin"],
+                capture_output=True, text=True, check=True,
+            )  # fmt: skip
+            speed, size = result.stdout.split()
+            assert int(size) == GiB, f"short download from {url}: {size}"
+            speeds.append(float(speed))
+        return max(speeds)
+
+    def upload(self, url: str) -> float:
+        result = subprocess.run(
+            ["curl", "-sf", "-o", "/dev/null", "-X", "POST", "-H", "Content-Type: application/dicom",
+             "-T", str(self.home / "upload.bin"), "-w", "%{speed_upload}", f"{url}/sink"],
+            capture_output=True, text=True, check=True,
+        )  # fmt: skip
+        return float(result.stdout)
+
+    def peak_rss_under_four_downloads(self, url: str) -> float:
+        """The proxy's peak resident memory (MiB) while four 1 GiB downloads run at once."""
+        status = Path(f"/proc/{self.proxy.pid}/status")
+        peak = 0.0
+        downloads = [subprocess.Popen(["curl", "-sf", "-o", "/dev/null", f"{url}/big.bin"]) for _ in range(4)]
+        done = threading.Event()
+
+        def sample() -> None:
+            nonlocal peak
+            while not done.is_set():
+                for line in status.read_text().splitlines():
+                    if line.startswith("VmRSS:"):
+                        peak = max(peak, int(line.split()[1]) / 1024)
+                time.sleep(0.01)
+
+        sampler = threading.Thread(target=sample)
+        sampler.start()
+        codes = [download.wait() for download in downloads]
+        done.set()
+        sampler.join()
+        assert codes == [0, 0, 0, 0], f"a concurrent download failed: {codes}"
+        return peak
+
+
+def _milliseconds(text: str) -> float:
+    number, unit = re.match(r"([\d.]+)(\w+)", text).groups()  # type: ignore[union-attr]
+    return float(number) * {"us": 0.001, "ms": 1.0, "s": 1000.0}[unit]
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--seconds", type=int, default=10, help="length of each wrk run")
+    parser.add_argument("--json", type=Path, default=ROOT / "bench" / "results" / "latest.json")
+    arguments = parser.parse_args()
+    for tool in ("nginx", "wrk", "curl"):
+        if not (shutil.which(tool) or Path(f"/usr/sbin/{tool}").exists()):
+            print(f"bench: {tool} is missing: apt-get install -y nginx wrk curl", file=sys.stderr)
+            return 2
+
+    bench = Bench(arguments.seconds)
+    try:
+        urls = bench.start()
+        warm_az_runs = bench.az_runs()
+        report: dict[str, object] = {"date": datetime.now(UTC).isoformat(timespec="seconds"), "cores": os.cpu_count()}
+        small = {f"{name}@{c}": bench.wrk(url, c) for c in (32, 256) for name, url in urls.items()}
+        downloads = {name: bench.download(url) for name, url in urls.items()}
+        uploads = {name: bench.upload(url) for name, url in urls.items()}
+        peak = bench.peak_rss_under_four_downloads(urls["proxy"])
+        report.update(
+            small_get=small,
+            download_bytes_per_second=downloads,
+            upload_bytes_per_second=uploads,
+            proxy_peak_rss_mib_four_downloads=round(peak, 1),
+            az_runs={"warm_up": warm_az_runs, "during_run": bench.az_runs() - warm_az_runs},
+        )
+        ratios = {
+            "small_get_vs_nginx@32": small["proxy@32"]["requests_per_second"]
+            / small["nginx@32"]["requests_per_second"],
+            "small_get_vs_nginx@256": small["proxy@256"]["requests_per_second"]
+            / small["nginx@256"]["requests_per_second"],
+            "download_vs_direct": downloads["proxy"] / downloads["direct"],
+            "download_vs_nginx": downloads["proxy"] / downloads["nginx"],
+            "upload_vs_nginx": uploads["proxy"] / uploads["nginx"],
+        }
+        report["ratios"] = {key: round(value, 3) for key, value in ratios.items()}
+        targets = {
+            "small GET >= 0.40x nginx (32 connections)": ratios["small_get_vs_nginx@32"] >= 0.40,
+            "1 GiB download >= 0.70x direct": ratios["download_vs_direct"] >= 0.70,
+            "1 GiB download >= 1.2x nginx": ratios["download_vs_nginx"] >= 1.2,
+            "peak RSS <= 100 MiB under 4 x 1 GiB": peak <= 100,
+            "0 az runs after warm-up": bench.az_runs() == warm_az_runs,
+        }
+        report["targets"] = targets
+    finally:
+        bench.close()
+
+    arguments.json.parent.mkdir(parents=True, exist_ok=True)
+    arguments.json.write_text(json.dumps(report, indent=2) + "\n")
+    print(table(report))
+    print(f"\nJSON: {arguments.json}")
+    return 0
+
+
+def table(report: dict[str, object]) -> str:
+    small = report["small_get"]
+    assert isinstance(small, dict)
+    downloads = report["download_bytes_per_second"]
+    uploads = report["upload_bytes_per_second"]
+    assert isinstance(downloads, dict) and isinstance(uploads, dict)
+    lines = [
+        f"dicom-auth-proxy benchmark, {report['date']}, {report['cores']} cores",
+        "",
+        "| | direct | nginx static-token proxy | dicom-auth-proxy |",
+        "|---|---|---|---|",
+    ]
+
+    def row(label: str, cells: list[str]) -> str:
+        return f"| {label} | " + " | ".join(cells) + " |"
+
+    for c in (32, 256):
+        rates = [small[f"{name}@{c}"] for name in NAMES]
+        lines.append(
+            row(f"small GET, {c} connections", [f"{rate['requests_per_second']:,.0f} req/s" for rate in rates])
+        )
+        lines.append(row(f"p50 / p99, {c} connections", [f"{r['p50_ms']:.2f} / {r['p99_ms']:.2f} ms" for r in rates]))
+    lines.append(row("1 GiB download", [f"{downloads[name] / 1e9:.2f} GB/s" for name in NAMES]))
+    lines.append(row("512 MiB upload", [f"{uploads[name] / 1e9:.2f} GB/s" for name in NAMES]))
+    lines += [
+        "",
+        f"proxy peak RSS, four 1 GiB downloads at once: {report['proxy_peak_rss_mib_four_downloads']} MiB",
+        f"az runs: {report['az_runs']}",
+        f"ratios: {report['ratios']}",
+        "",
+    ]
+    targets = report["targets"]
+    assert isinstance(targets, dict)
+    lines += [f"{'met   ' if met else 'MISSED'}  {name}" for name, met in targets.items()]
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
