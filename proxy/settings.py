@@ -196,9 +196,7 @@ def _validate(raw: Mapping[str, Any], environ: Mapping[str, str]) -> Settings:
     if URL(audience).scheme != "https" or not URL(audience).host:
         raise ConfigurationError(f"--audience: {audience!r} must be an https:// URL")
 
-    ca_bundle = Path(raw["ca_bundle"]) if raw.get("ca_bundle") else None
-    if ca_bundle is not None and not ca_bundle.is_file():
-        raise ConfigurationError(f"--ca-bundle: {ca_bundle} is not a readable file")
+    ca_bundle = _ca_bundle(Path(raw["ca_bundle"])) if raw.get("ca_bundle") else None
 
     log_format = str(raw.get("log_format", "text"))
     if log_format not in LOG_FORMATS:
@@ -296,6 +294,17 @@ def is_loopback(host: str) -> bool:
         return ipaddress.ip_address(host.strip("[]")).is_loopback
     except ValueError:
         return False
+
+
+def _ca_bundle(path: Path) -> Path:
+    """Read it now: a missing or unreadable bundle should stop start-up with its reason, not a traceback."""
+    try:
+        text = path.read_bytes()
+    except OSError as exc:
+        raise ConfigurationError(f"--ca-bundle: cannot read {path}: {exc.strerror}") from exc
+    if b"-----BEGIN CERTIFICATE-----" not in text:
+        raise ConfigurationError(f"--ca-bundle: {path} holds no PEM certificate (-----BEGIN CERTIFICATE-----)")
+    return path
 
 
 def _access_key(raw: Mapping[str, Any]) -> str | None:

@@ -89,7 +89,12 @@ def test_the_access_key_is_kept_out_of_the_settings_repr(tmp_path):
             {},
             "reachable from other machines",
         ),
-        (["--upstream", "https://ws.example", "--ca-bundle", "/nonexistent.pem"], {}, "--ca-bundle"),
+        (
+            ["--upstream", "https://ws.example", "--ca-bundle", "/nonexistent.pem"],
+            {},
+            "--ca-bundle: cannot read /nonexistent.pem: No such file or directory",
+        ),
+        (["--upstream", "https://ws.example", "--ca-bundle", "/"], {}, "--ca-bundle: cannot read /: Is a directory"),
         (["--upstream", "https://ws.example", "--audience", "dicom"], {}, "--audience"),
         (["--upstream", "https://ws.example", "--tenant", "bad tenant!"], {}, "--tenant"),
         (["--upstream", "https://ws.example", "--cors-origin", "viewer"], {}, "--cors-origin"),
@@ -114,6 +119,13 @@ def test_bad_values_give_one_line_and_exit_code_2(argv, environ, message, capsys
     assert error.count("\n") == 1, error
     assert error.startswith("dicom-auth-proxy: error: ")
     assert message in error
+
+
+def test_a_ca_bundle_without_certificates_is_refused(tmp_path, capsys):
+    not_pem = tmp_path / "key.der"
+    not_pem.write_bytes(b"\x30\x82\x01\x0a binary, not PEM")
+    assert main(["serve", "--upstream", "https://ws.example", "--ca-bundle", str(not_pem)]) == 2
+    assert "holds no PEM certificate" in capsys.readouterr().err
 
 
 def test_bad_config_files_are_named(tmp_path, capsys):
