@@ -42,11 +42,12 @@ def wait_for(condition, timeout: float = 10.0, interval: float = 0.02, what: str
 class AzStub:
     """A directory holding an executable `az` that the tests put first on PATH."""
 
-    def __init__(self, directory: Path) -> None:
+    def __init__(self, directory: Path, interpreter: str = sys.executable) -> None:
+        """`interpreter` goes on the shebang line: another one serves an `az` mounted into a container."""
         self.directory = directory
         directory.mkdir(parents=True, exist_ok=True)
         script = directory / "az"
-        script.write_text(f"#!{sys.executable}\n" + (HERE / "az_stub.py").read_text())
+        script.write_text(f"#!{interpreter}\n" + (HERE / "az_stub.py").read_text())
         script.chmod(0o755)
         (directory / "calls.log").touch()
         (directory / "issued.log").touch()
