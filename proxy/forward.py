@@ -149,9 +149,10 @@ class Forwarder:
         if kind is not None and request.method != "HEAD" and upstream.status not in (204, 304):
             held, complete = await self._hold(request, upstream)
             if complete:
+                # Whole in hand either way: one Response is one write to the client, not three.
                 rewritten = self._rewritten(held, kind, headers, request)
-                if rewritten is not None:
-                    return web.Response(status=upstream.status, reason=upstream.reason, headers=headers, body=rewritten)
+                body = held if rewritten is None else rewritten
+                return web.Response(status=upstream.status, reason=upstream.reason, headers=headers, body=body)
             else:
                 logger.warning(
                     "%s %s: the %s answer is larger than the rewrite limit (%d bytes); passing it on unrewritten",

@@ -1,10 +1,10 @@
 """Request policy applied before anything is forwarded.
 
 Anything that can reach the proxy acts with the user's Azure identity, so each defence is a small
-middleware class with one job and its own refusal (a ProxyError, turned into JSON by the app's error
-middleware). `policies(settings)` lists them in the order they must run: the Host check first, since a
-DNS-rebinding page must learn nothing, and CORS preflights before the access key, which browsers do not
-send on a preflight.
+policy class with one job and its own refusal (a ProxyError, turned into JSON by the app's error
+middleware). `Guard` runs them in order as one middleware (a middleware each cost ~5% of small-request
+throughput): the Host check first, since a DNS-rebinding page must learn nothing, and CORS preflights
+before the access key, which browsers do not send on a preflight.
 """
 
 from __future__ import annotations
@@ -39,11 +39,9 @@ PREFLIGHT_MAX_AGE = "600"
 
 
 class Policy:
-    """Base of the guard middlewares; marks instances as new-style aiohttp middlewares."""
+    """One defence: `check` raises a ProxyError to refuse, returns a response to answer locally, or None."""
 
-    __middleware_version__ = 1
-
-    async def __call__(self, request: web.Request, handler: Handler) -> web.StreamResponse:
+    def check(self, request: web.Request) -> web.StreamResponse | None:
         raise NotImplementedError
 
 
@@ -52,12 +50,11 @@ class OriginFormOnly(Policy):
 
     REFUSED_METHODS = frozenset({"CONNECT", "TRACE"})
 
-    async def __call__(self, request: web.Request, handler: Handler) -> web.StreamResponse:
+    def check(self, request: web.Request) -> None:
         if request.method in self.REFUSED_METHODS:
             raise RequestRefused(f"{request.method} is not served; this is not an open proxy")
         if not request.raw_path.startswith("/"):
             raise RequestRefused(f"request target {request.raw_path[:100]!r} is not a path; this is not an open proxy")
-        return await handler(request)
 
 
 class HostAllowlist(Policy):
@@ -78,12 +75,11 @@ class HostAllowlist(Policy):
             name, _, port = host.partition(":")
         return name in self._allowed and (port == "" or port.isdigit())
 
-    async def __call__(self, request: web.Request, handler: Handler) -> web.StreamResponse:
+    def check(self, request: web.Request) -> None:
         if request.path not in PROBE_PATHS:
             host = request.headers.get("Host")
             if not self.allows(host):
                 raise HostNotAllowed(f"Host {host!r} is not one this proxy serves" if host else "no Host header")
-        return await handler(request)
 
 
 class AccessKey(Policy):
@@ -106,25 +102,23 @@ class AccessKey(Policy):
             return None
         return decoded.partition(b":")[2]
 
-    async def __call__(self, request: web.Request, handler: Handler) -> web.StreamResponse:
+    def check(self, request: web.Request) -> None:
         if request.path not in PROBE_PATHS:
             presented = self.presented(request)
             # compare_digest: the time taken must not tell how much of a guess was right.
             if presented is None or not hmac.compare_digest(presented, self._key):
                 raise AccessKeyRequired("missing access key" if presented is None else "wrong access key")
-        return await handler(request)
 
 
 class ReadOnly(Policy):
     """With --read-only, only GET, HEAD and OPTIONS reach the upstream: viewers can never delete."""
 
-    async def __call__(self, request: web.Request, handler: Handler) -> web.StreamResponse:
+    def check(self, request: web.Request) -> None:
         if request.method not in SAFE_METHODS:
             raise PolicyRefused(
                 f"{request.method} is refused: the proxy runs with --read-only",
                 hint="Restart the proxy without --read-only to store, update or delete.",
             )
-        return await handler(request)
 
 
 class Cors(Policy):
@@ -145,20 +139,20 @@ class Cors(Policy):
     def allows(self, origin: str) -> bool:
         return self._any or origin in self._origins
 
-    async def __call__(self, request: web.Request, handler: Handler) -> web.StreamResponse:
+    def check(self, request: web.Request) -> web.StreamResponse | None:
         origin = request.headers.get("Origin")
         if origin is None:
-            return await handler(request)
+            return None
         if not self.allows(origin):
             if request.method not in SAFE_METHODS:
                 raise PolicyRefused(
                     f"{request.method} from the web page at {origin[:100]!r} is refused",
                     hint="Add the page's origin with --cors-origin if it should be allowed to change data.",
                 )
-            return await handler(request)
+            return None
         if request.method == "OPTIONS" and "Access-Control-Request-Method" in request.headers:
             return self.preflight(request, origin)
-        return await handler(request)
+        return None
 
     def preflight(self, request: web.Request, origin: str) -> web.Response:
         headers = CIMultiDict(self.response_headers(origin))
@@ -187,12 +181,23 @@ class Cors(Policy):
         response.headers.update(headers)
 
 
-def policies(settings: Settings) -> tuple[list[Policy], Cors]:
-    """The guard middlewares in the order they must run, and the CORS policy for the response signal."""
-    cors = Cors(settings.cors_origins, read_only=settings.read_only)
-    chain: list[Policy] = [OriginFormOnly(), HostAllowlist(settings.allowed_hosts), cors]
-    if settings.access_key is not None:
-        chain.append(AccessKey(settings.access_key))
-    if settings.read_only:
-        chain.append(ReadOnly())
-    return chain, cors
+class Guard:
+    """The policies as one middleware: the first that refuses or answers decides; otherwise the handler does."""
+
+    __middleware_version__ = 1  # a new-style aiohttp middleware
+
+    def __init__(self, settings: Settings) -> None:
+        self.cors = Cors(settings.cors_origins, read_only=settings.read_only)
+        chain: list[Policy] = [OriginFormOnly(), HostAllowlist(settings.allowed_hosts), self.cors]
+        if settings.access_key is not None:
+            chain.append(AccessKey(settings.access_key))
+        if settings.read_only:
+            chain.append(ReadOnly())
+        self.policies = tuple(chain)
+
+    async def __call__(self, request: web.Request, handler: Handler) -> web.StreamResponse:
+        for policy in self.policies:
+            answer = policy.check(request)
+            if answer is not None:
+                return answer
+        return await handler(request)

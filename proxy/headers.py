@@ -5,8 +5,6 @@ Kept free of I/O so that every rule can be tested with plain dictionaries.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
-
 from multidict import CIMultiDict, CIMultiDictProxy
 
 # RFC 9110 section 7.6.1, plus the de-facto members that proxies drop as well.
@@ -43,13 +41,22 @@ def connection_tokens(headers: Headers) -> set[str]:
     return names
 
 
-def _copy_except(headers: Headers, dropped: Iterable[str], dropped_prefix: str | None = None) -> CIMultiDict[str]:
-    drop = set(dropped) | HOP_BY_HOP | connection_tokens(headers)
-    return CIMultiDict(
-        (name, value)
-        for name, value in headers.items()
-        if name.lower() not in drop and not (dropped_prefix and name.lower().startswith(dropped_prefix))
-    )
+# What never crosses, per direction; precomputed because these run on every request.
+_NOT_UP = HOP_BY_HOP | CLIENT_SECRETS | REPLACED_ON_THE_WAY_UP
+_NOT_DOWN = HOP_BY_HOP
+
+
+def _copy_except(headers: Headers, drop: frozenset[str], dropped_prefix: str | None = None) -> CIMultiDict[str]:
+    listed = connection_tokens(headers) if "Connection" in headers else None
+    copied: CIMultiDict[str] = CIMultiDict()
+    for name, value in headers.items():
+        lowered = name.lower()
+        if lowered in drop or (listed and lowered in listed):
+            continue
+        if dropped_prefix is not None and lowered.startswith(dropped_prefix):
+            continue
+        copied.add(name, value)
+    return copied
 
 
 def upstream_request_headers(
@@ -64,7 +71,7 @@ def upstream_request_headers(
 
     Host is left out so that the HTTP client writes the upstream's own.
     """
-    headers = _copy_except(incoming, CLIENT_SECRETS | REPLACED_ON_THE_WAY_UP)
+    headers = _copy_except(incoming, _NOT_UP)
     headers["Authorization"] = f"Bearer {token}"
     if client_address:
         headers["X-Forwarded-For"] = client_address
@@ -81,4 +88,4 @@ def client_response_headers(upstream: Headers) -> CIMultiDict[str]:
     pages may read through it (guard.Cors adds them back for allowed origins). Set-Cookie passes: the
     proxy keeps no cookie jar, so a service cookie belongs to the client.
     """
-    return _copy_except(upstream, (), dropped_prefix="access-control-")
+    return _copy_except(upstream, _NOT_DOWN, dropped_prefix="access-control-")

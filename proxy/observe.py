@@ -6,11 +6,12 @@ Metrics live in a registry of their own per application, so two apps in one proc
 
 from __future__ import annotations
 
+import itertools
 import json
 import logging
+import os
 import re
 import time
-import uuid
 from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime
 from typing import Any
@@ -94,6 +95,22 @@ class Metrics:
             registry=registry,
         )
 
+        # Label children looked up once: prometheus-client's labels() takes a lock on every call.
+        self._request_counters: dict[tuple[str, str], Counter] = {}
+        # Request ids: a random per-process prefix and a counter are unique enough and cost far less
+        # than uuid4 on every request.
+        self._id_prefix = os.urandom(6).hex()
+        self._id_counter = itertools.count(1)
+
+    def request_id(self) -> str:
+        return f"{self._id_prefix}{next(self._id_counter):010x}"
+
+    def _requests_counter(self, method: str, status: str) -> Counter:
+        counter = self._request_counters.get((method, status))
+        if counter is None:
+            counter = self._request_counters[method, status] = self.requests.labels(method=method, status=status)
+        return counter
+
     def record_acquisition(self, result: str, seconds: float) -> None:
         self.token_acquisitions.labels(result=result).inc()
         self.token_acquisition_duration.observe(seconds)
@@ -114,7 +131,7 @@ class Metrics:
     async def middleware(self, request: web.Request, handler: Handler) -> web.StreamResponse:
         """Outermost: gives each request its id and counts what the client finally got."""
         incoming = request.headers.get(REQUEST_ID_HEADER, "")
-        request[REQUEST_ID] = incoming if _CLIENT_REQUEST_ID.match(incoming) else uuid.uuid4().hex
+        request[REQUEST_ID] = incoming if incoming and _CLIENT_REQUEST_ID.match(incoming) else self.request_id()
         started = time.perf_counter()
         status = "error"
         self.in_flight.inc()
@@ -125,7 +142,7 @@ class Metrics:
         finally:
             self.in_flight.dec()
             method = request.method if request.method in _KNOWN_METHODS else "other"
-            self.requests.labels(method=method, status=status).inc()
+            self._requests_counter(method, status).inc()
             self.duration.observe(time.perf_counter() - started)
             self.bytes_in.inc(request.content.total_bytes)
             failure = request.get(UPSTREAM_FAILURE)

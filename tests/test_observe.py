@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import signal
 import threading
 
@@ -88,7 +89,8 @@ def test_metrics_count_failed_token_acquisitions_and_connect_errors(start_proxy,
 def test_request_ids_are_sent_back_and_logged(start_proxy, upstream):
     proxy = start_proxy()
     generated = requests.get(f"{proxy.url}/echo/x", timeout=10).headers["X-Request-Id"]
-    assert len(generated) == 32
+    following = requests.get(f"{proxy.url}/echo/x", timeout=10).headers["X-Request-Id"]
+    assert re.fullmatch(r"[0-9a-f]{22}", generated) and following != generated
     kept = requests.get(f"{proxy.url}/echo/x", headers={"X-Request-Id": "viewer-42"}, timeout=10)
     assert kept.headers["X-Request-Id"] == "viewer-42"
     forged = requests.get(f"{proxy.url}/echo/x", headers={"X-Request-Id": 'a b" injected=1'}, timeout=10)
