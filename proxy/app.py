@@ -7,7 +7,10 @@ start-up hook and closed in the matching clean-up, so building an app is cheap a
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
+import os
+import signal
 import ssl
 from collections.abc import AsyncIterator, Awaitable, Callable
 
@@ -19,7 +22,7 @@ from . import __version__
 from .credentials import build_credential
 from .errors import ProxyError, error_response
 from .forward import Forwarder
-from .guard import policies
+from .guard import Guard
 from .observe import METRICS, AccessLogger, Metrics, Readiness, health
 from .settings import Settings, is_loopback
 from .tokens import TokenSource
@@ -55,13 +58,17 @@ def build_app(
     *,
     credential: AsyncSupportsTokenInfo | None = None,
     session: aiohttp.ClientSession | None = None,
+    announce: bool = True,
 ) -> web.Application:
-    """The proxy as an Application; `credential` and `session` replace the real ones when given."""
-    guards, cors = policies(settings)
+    """The proxy as an Application; `credential` and `session` replace the real ones when given.
+
+    `announce` logs the start-up banner: with several workers, only the first does.
+    """
+    guard = Guard(settings)
     metrics = Metrics()
-    app = web.Application(middlewares=[metrics.middleware, error_middleware, *guards])
+    app = web.Application(middlewares=[metrics.middleware, error_middleware, guard])
     app[METRICS] = metrics
-    app.on_response_prepare.append(cors.on_response_prepare)
+    app.on_response_prepare.append(guard.cors.on_response_prepare)
     app.on_response_prepare.append(metrics.on_response_prepare)
 
     async def resources(app: web.Application) -> AsyncIterator[None]:
@@ -80,7 +87,8 @@ def build_app(
         app[FORWARDER] = Forwarder(settings, session=own_session, tokens=tokens)
         app[READINESS] = Readiness(tokens)
         await tokens.start()
-        log_banner(settings)
+        if announce:
+            log_banner(settings)
         yield
         await tokens.close()
         if session is None:
@@ -167,13 +175,14 @@ def _fast_event_loop() -> asyncio.AbstractEventLoop:
     return uvloop.new_event_loop()
 
 
-def run(settings: Settings) -> None:
+def run(settings: Settings, *, announce: bool = True) -> None:
     """Serve until SIGINT/SIGTERM; in-flight requests get `shutdown_timeout` to finish."""
     web.run_app(
-        build_app(settings),
+        build_app(settings, announce=announce),
         loop=_fast_event_loop(),
         host=settings.listen_host,
         port=settings.listen_port,
+        reuse_port=settings.workers > 1 or None,
         print=None,
         access_log_class=AccessLogger,
         handler_cancellation=True,
@@ -183,3 +192,43 @@ def run(settings: Settings) -> None:
         read_bufsize=READ_BUFFER,
         auto_decompress=False,
     )
+
+
+def supervise(workers: int, serve: Callable[[int], int]) -> int:
+    """Fork `workers` processes that each `serve(number)` on the shared port; return 0 if all exit cleanly.
+
+    Forked before any event loop, thread or credential exists. Each worker gets a session of its own, so a
+    terminal's Ctrl-C reaches only this supervisor, which passes SIGINT/SIGTERM on once; when one worker
+    fails, the others are stopped too rather than serving on at reduced strength.
+    """
+    children: set[int] = set()
+    for number in range(workers):
+        pid = os.fork()
+        if pid == 0:
+            os.setsid()
+            code = 1
+            try:
+                code = serve(number)
+            finally:
+                logging.shutdown()
+                os._exit(code)
+        children.add(pid)
+    logger.info("%d worker processes share port (SO_REUSEPORT), each with its own token", workers)
+
+    def stop(signal_number: int, frame: object = None) -> None:
+        for pid in children:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal_number)
+
+    signal.signal(signal.SIGTERM, stop)
+    signal.signal(signal.SIGINT, stop)
+    worst = 0
+    while children:
+        pid, status = os.wait()
+        children.discard(pid)
+        code = os.waitstatus_to_exitcode(status)  # negative: killed by that signal
+        if code != 0 and worst == 0:
+            logger.error("a worker exited with status %d; stopping the others", code)
+            stop(signal.SIGTERM)
+            worst = code if code > 0 else 1
+    return worst

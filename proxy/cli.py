@@ -75,6 +75,12 @@ def _add_options(command: argparse.ArgumentParser) -> None:
         help="largest JSON/XML body rewritten, in MiB (default 32)",
     )
     add("--shutdown-grace", metavar="SECONDS", type=float, help="time in-flight requests get on SIGTERM (default 30)")
+    add(
+        "--workers",
+        metavar="N",
+        type=int,
+        help="processes sharing the port, each with its own token (default 1; more helps small requests on many cores)",
+    )
 
 
 def load_settings(arguments: argparse.Namespace, environ: Mapping[str, str]) -> Settings:
@@ -99,18 +105,21 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     configure_logging(settings.log_format)
 
-    from .app import run
+    from .app import run, supervise
 
-    try:
-        run(settings)
-    except ConfigurationError as error:
-        print(f"dicom-auth-proxy: error: {error.detail}", file=sys.stderr)
-        return 2
-    except OSError as error:
-        print(
-            f"dicom-auth-proxy: error: cannot listen on {settings.listen_host}:{settings.listen_port}: "
-            f"{error.strerror}",
-            file=sys.stderr,
-        )
-        return 1
-    return 0
+    def serve(worker: int) -> int:
+        try:
+            run(settings, announce=worker == 0)
+        except ConfigurationError as error:
+            print(f"dicom-auth-proxy: error: {error.detail}", file=sys.stderr)
+            return 2
+        except OSError as error:
+            print(
+                f"dicom-auth-proxy: error: cannot listen on {settings.listen_host}:{settings.listen_port}: "
+                f"{error.strerror}",
+                file=sys.stderr,
+            )
+            return 1
+        return 0
+
+    return supervise(settings.workers, serve) if settings.workers > 1 else serve(0)

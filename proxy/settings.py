@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import ipaddress
 import re
+import socket
 import tomllib
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -61,6 +62,8 @@ class Settings:
     rewrite_limit: int = 32 * 1024 * 1024
     # On SIGTERM/SIGINT, in-flight requests get this long to finish before they are cut.
     shutdown_grace: float = 30.0
+    # Processes sharing the listening port (SO_REUSEPORT), each with its own token source and pool.
+    workers: int = 1
     # Request bodies up to this size are buffered so that a 401 can be retried with a fresh token.
     replay_limit: int = 1024 * 1024
     # Refresh this long before expiry when the credential gives no refresh_on (azure-core uses 300 s).
@@ -114,6 +117,7 @@ OPTIONS = (
     Option("connect_timeout", "--connect-timeout", "DICOM_PROXY_CONNECT_TIMEOUT", "float"),
     Option("read_timeout", "--read-timeout", "DICOM_PROXY_READ_TIMEOUT", "float"),
     Option("shutdown_grace", "--shutdown-grace", "DICOM_PROXY_SHUTDOWN_GRACE", "float"),
+    Option("workers", "--workers", "DICOM_PROXY_WORKERS", "int"),
     Option("rewrite", "--no-rewrite", "DICOM_PROXY_REWRITE", "bool"),
     Option("rewrite_limit_mib", "--rewrite-limit", "DICOM_PROXY_REWRITE_LIMIT_MIB", "float"),
 )
@@ -169,6 +173,7 @@ def _from_file(option: Option, value: Any, where: str) -> Any:
         "bool": lambda v: isinstance(v, bool),
         "list": lambda v: isinstance(v, list) and all(isinstance(item, str) for item in v),
         "float": lambda v: isinstance(v, int | float) and not isinstance(v, bool),
+        "int": lambda v: isinstance(v, int) and not isinstance(v, bool),
         "str": lambda v: isinstance(v, str),
     }
     if isinstance(value, str) and option.kind == "list":
@@ -232,6 +237,7 @@ def _validate(raw: Mapping[str, Any], environ: Mapping[str, str]) -> Settings:
         connect_timeout=_positive(raw, "connect_timeout", 10.0),
         read_timeout=_positive(raw, "read_timeout", 300.0),
         shutdown_grace=_positive(raw, "shutdown_grace", 30.0),
+        workers=_workers(raw.get("workers", 1)),
         rewrite=bool(raw.get("rewrite", True)),
         rewrite_limit=int(_positive(raw, "rewrite_limit_mib", 32.0) * 1024 * 1024),
     )
@@ -340,6 +346,18 @@ def _allowed_hosts(extra: list[str], listen_host: str) -> tuple[str, ...]:
         names.append(f"[{listen_host}]" if ":" in listen_host else listen_host)
     names.extend(name.lower() for name in extra)
     return tuple(dict.fromkeys(names))
+
+
+def _workers(value: Any) -> int:
+    try:
+        workers = int(value)
+    except (TypeError, ValueError) as exc:
+        raise ConfigurationError(f"--workers: expected a whole number, got {value!r}") from exc
+    if not 1 <= workers <= 64:
+        raise ConfigurationError(f"--workers: expected 1 to 64, got {value!r}")
+    if workers > 1 and not hasattr(socket, "SO_REUSEPORT"):
+        raise ConfigurationError("--workers: more than 1 needs SO_REUSEPORT, which this platform lacks")
+    return workers
 
 
 def _positive(raw: Mapping[str, Any], name: str, default: float) -> float:

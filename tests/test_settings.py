@@ -107,6 +107,8 @@ def test_the_access_key_is_kept_out_of_the_settings_repr(tmp_path):
         (["--upstream", "https://ws.example"], {"DICOM_PROXY_ACCESS_KEY": "short"}, "shorter than 16"),
         (["--upstream", "https://ws.example"], {"HTTPS_PROXY": "socks5://p:1080"}, "HTTPS_PROXY"),
         (["--config", "/nonexistent.toml"], {}, "--config: cannot read /nonexistent.toml"),
+        (["--upstream", "https://ws.example", "--workers", "0"], {}, "--workers: expected 1 to 64, got 0"),
+        (["--upstream", "https://ws.example"], {"DICOM_PROXY_WORKERS": "two"}, "--workers: expected a whole number"),
     ],
 )
 def test_bad_values_give_one_line_and_exit_code_2(argv, environ, message, capsys, monkeypatch):

@@ -1,0 +1,50 @@
+"""Serving as a whole: several worker processes on one port, supervised."""
+
+from __future__ import annotations
+
+import socket
+from pathlib import Path
+
+import requests
+
+from .conftest import wait_for
+
+
+def processes_with(needle: str) -> list[int]:
+    """Pids whose command line holds `needle` (forked workers share their supervisor's)."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                if needle.encode() in (entry / "cmdline").read_bytes():
+                    found.append(int(entry.name))
+            except OSError:
+                continue
+    return found
+
+
+def test_workers_share_the_port_each_with_its_own_token(start_proxy, az, upstream):
+    proxy = start_proxy("--workers", "2")
+    listen = f"127.0.0.1:{proxy.port}"
+    wait_for(lambda: az.calls == 2, what="one token per worker")
+    # A new connection each time: the kernel spreads connections over the workers by their addresses.
+    statuses = [requests.get(f"{proxy.url}/echo/{number}", timeout=10).status_code for number in range(60)]
+    assert statuses == [200] * 60
+    assert az.calls == 2
+    tokens = {f"Bearer {token}" for token in az.issued_tokens()}
+    assert {seen.header("Authorization") for seen in upstream.seen} == tokens, "both workers served"
+    assert len(processes_with(listen)) == 3  # the supervisor and two workers
+    assert proxy.output().count("serving http://127.0.0.1") == 1, "one banner, not one per worker"
+    assert proxy.stop() == 0
+    assert processes_with(listen) == [], "a worker outlived the supervisor"
+
+
+def test_workers_that_cannot_listen_end_the_supervisor_with_an_error(start_proxy, upstream):
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        proxy = start_proxy("--workers", "2", "--listen", f"127.0.0.1:{port}", wait=False)
+        assert proxy.process.wait(30) == 1
+    assert "cannot listen on 127.0.0.1" in proxy.output()
+    assert processes_with(f"127.0.0.1:{port}") == []
