@@ -1,6 +1,6 @@
 """Benchmark: dicom-auth-proxy against a direct connection and nginx as a static-token proxy, side by side.
 
-    python bench/run.py [--seconds 10] [--json bench/results/latest.json]
+    python bench/run.py [--seconds 10] [--workers 1] [--json bench/results/latest.json]
 
 Starts on loopback: nginx as a fast upstream (a 2 KB JSON file, a 1 GiB file, an upload sink), nginx as
 a static-token proxy in front of it (the baseline), and dicom-auth-proxy with its defaults and the `az`
@@ -49,7 +49,7 @@ def wait_listening(port: int, timeout: float = 20.0) -> None:
 
 
 NGINX_COMMON = """
-worker_processes 1;
+worker_processes {workers};
 daemon off;
 pid {home}/{name}.pid;
 error_log {home}/{name}-error.log warn;
@@ -94,8 +94,9 @@ BASELINE = """
 
 
 class Bench:
-    def __init__(self, seconds: int) -> None:
+    def __init__(self, seconds: int, workers: int = 1) -> None:
         self.seconds = seconds
+        self.workers = workers  # of the baseline nginx and of the proxy alike
         self.home = Path(tempfile.mkdtemp(prefix="dicom-proxy-bench-"))
         self.home.chmod(0o755)  # nginx workers drop root and must read the files
         self.processes: list[subprocess.Popen[bytes]] = []
@@ -110,9 +111,9 @@ class Bench:
                 process.kill()
         shutil.rmtree(self.home, ignore_errors=True)
 
-    def start_nginx(self, name: str, body: str) -> None:
+    def start_nginx(self, name: str, body: str, workers: int = 1) -> None:
         config = self.home / f"{name}.conf"
-        config.write_text(NGINX_COMMON.format(home=self.home, name=name, body=body))
+        config.write_text(NGINX_COMMON.format(home=self.home, name=name, body=body, workers=workers))
         nginx = shutil.which("nginx") or "/usr/sbin/nginx"
         self.processes.append(subprocess.Popen([nginx, "-c", str(config), "-e", str(self.home / f"{name}-error.log")]))
 
@@ -131,7 +132,7 @@ class Bench:
 
         upstream, baseline, proxy = free_port(), free_port(), free_port()
         self.start_nginx("upstream", UPSTREAM.format(port=upstream, home=self.home))
-        self.start_nginx("baseline", BASELINE.format(port=baseline, upstream=upstream))
+        self.start_nginx("baseline", BASELINE.format(port=baseline, upstream=upstream), self.workers)
 
         az = self.home / "az-bin"
         az.mkdir()
@@ -144,7 +145,7 @@ class Bench:
         self.proxy_log = (self.home / "proxy.log").open("wb")
         self.proxy = subprocess.Popen(
             [sys.executable, "-m", "proxy", "serve", "--upstream", f"http://127.0.0.1:{upstream}",
-             "--listen", f"127.0.0.1:{proxy}"],
+             "--listen", f"127.0.0.1:{proxy}", "--workers", str(self.workers)],
             env=env, cwd=ROOT, stdout=self.proxy_log, stderr=subprocess.STDOUT,
         )  # fmt: skip
         self.processes.append(self.proxy)
@@ -199,8 +200,8 @@ class Bench:
         return float(result.stdout)
 
     def peak_rss_under_four_downloads(self, url: str) -> float:
-        """The proxy's peak resident memory (MiB) while four 1 GiB downloads run at once."""
-        status = Path(f"/proc/{self.proxy.pid}/status")
+        """The proxy's peak resident memory (MiB, all its processes) while four 1 GiB downloads run at once."""
+        pid = self.proxy.pid
         peak = 0.0
         downloads = [subprocess.Popen(["curl", "-sf", "-o", "/dev/null", f"{url}/big.bin"]) for _ in range(4)]
         done = threading.Event()
@@ -208,9 +209,8 @@ class Bench:
         def sample() -> None:
             nonlocal peak
             while not done.is_set():
-                for line in status.read_text().splitlines():
-                    if line.startswith("VmRSS:"):
-                        peak = max(peak, int(line.split()[1]) / 1024)
+                children = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
+                peak = max(peak, sum(_rss_mib(int(process)) for process in [pid, *map(int, children)]))
                 time.sleep(0.01)
 
         sampler = threading.Thread(target=sample)
@@ -222,6 +222,15 @@ class Bench:
         return peak
 
 
+def _rss_mib(pid: int) -> float:
+    try:
+        status = Path(f"/proc/{pid}/status").read_text()
+    except OSError:
+        return 0.0
+    line = next(line for line in status.splitlines() if line.startswith("VmRSS:"))
+    return int(line.split()[1]) / 1024
+
+
 def _milliseconds(text: str) -> float:
     number, unit = re.match(r"([\d.]+)(\w+)", text).groups()  # type: ignore[union-attr]
     return float(number) * {"us": 0.001, "ms": 1.0, "s": 1000.0}[unit]
@@ -230,6 +239,7 @@ def _milliseconds(text: str) -> float:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seconds", type=int, default=10, help="length of each wrk run")
+    parser.add_argument("--workers", type=int, default=1, help="worker processes of the nginx baseline and the proxy")
     parser.add_argument("--json", type=Path, default=ROOT / "bench" / "results" / "latest.json")
     arguments = parser.parse_args()
     for tool in ("nginx", "wrk", "curl"):
@@ -237,11 +247,15 @@ def main() -> int:
             print(f"bench: {tool} is missing: apt-get install -y nginx wrk curl", file=sys.stderr)
             return 2
 
-    bench = Bench(arguments.seconds)
+    bench = Bench(arguments.seconds, arguments.workers)
     try:
         urls = bench.start()
         warm_az_runs = bench.az_runs()
-        report: dict[str, object] = {"date": datetime.now(UTC).isoformat(timespec="seconds"), "cores": os.cpu_count()}
+        report: dict[str, object] = {
+            "date": datetime.now(UTC).isoformat(timespec="seconds"),
+            "cores": os.cpu_count(),
+            "workers": arguments.workers,
+        }
         small = {f"{name}@{c}": bench.wrk(url, c) for c in (32, 256) for name, url in urls.items()}
         downloads = {name: bench.download(url) for name, url in urls.items()}
         uploads = {name: bench.upload(url) for name, url in urls.items()}
@@ -288,7 +302,8 @@ def table(report: dict[str, object]) -> str:
     uploads = report["upload_bytes_per_second"]
     assert isinstance(downloads, dict) and isinstance(uploads, dict)
     lines = [
-        f"dicom-auth-proxy benchmark, {report['date']}, {report['cores']} cores",
+        f"dicom-auth-proxy benchmark, {report['date']}, {report['cores']} cores, "
+        f"{report['workers']} worker process(es) for nginx and the proxy",
         "",
         "| | direct | nginx static-token proxy | dicom-auth-proxy |",
         "|---|---|---|---|",

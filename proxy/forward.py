@@ -35,6 +35,8 @@ logger = logging.getLogger("proxy.forward")
 
 Body = bytes | aiohttp.StreamReader | None
 
+WRITE_BUFFER_HIGH = 1024 * 1024
+
 _SEGMENT_SEPARATORS = re.compile(r"[/\\]")
 
 
@@ -163,6 +165,10 @@ class Forwarder:
                 )
         response = web.StreamResponse(status=upstream.status, reason=upstream.reason, headers=headers)
         await response.prepare(request)
+        if request.transport is not None:
+            # The default 64 KiB high-water mark makes every 1 MiB chunk wait for the client before the next
+            # upstream read; a few MiB lets reading and writing overlap.
+            request.transport.set_write_buffer_limits(high=WRITE_BUFFER_HIGH)
         if held and not await self._write(request, response, held):
             return response
         while True:
