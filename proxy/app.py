@@ -202,9 +202,20 @@ def supervise(workers: int, serve: Callable[[int], int]) -> int:
     fails, the others are stopped too rather than serving on at reduced strength.
     """
     children: set[int] = set()
+
+    def stop(signal_number: int, frame: object = None) -> None:
+        for pid in children:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal_number)
+
+    # Installed before the first fork, so no SIGTERM can fall between forking and forwarding; each worker
+    # puts the previous handlers back until aiohttp installs its own.
+    previous = {each: signal.signal(each, stop) for each in (signal.SIGTERM, signal.SIGINT)}
     for number in range(workers):
         pid = os.fork()
         if pid == 0:
+            for signal_number, handler in previous.items():
+                signal.signal(signal_number, handler)
             os.setsid()
             code = 1
             try:
@@ -215,13 +226,6 @@ def supervise(workers: int, serve: Callable[[int], int]) -> int:
         children.add(pid)
     logger.info("%d worker processes share port (SO_REUSEPORT), each with its own token", workers)
 
-    def stop(signal_number: int, frame: object = None) -> None:
-        for pid in children:
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, signal_number)
-
-    signal.signal(signal.SIGTERM, stop)
-    signal.signal(signal.SIGINT, stop)
     worst = 0
     while children:
         pid, status = os.wait()

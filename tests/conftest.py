@@ -27,6 +27,16 @@ def free_port() -> int:
         return int(sock.getsockname()[1])
 
 
+def raw_exchange(port: int, request: bytes) -> bytes:
+    """Send bytes exactly as given and return everything the proxy answers before closing."""
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
+        sock.sendall(request)
+        answer = b""
+        while chunk := sock.recv(65536):
+            answer += chunk
+    return answer
+
+
 def wait_for(condition, timeout: float = 10.0, interval: float = 0.02, what: str = "condition"):  # noqa: ANN001
     """Poll `condition` until it is truthy; fail the test with `what` after `timeout` seconds."""
     deadline = time.monotonic() + timeout

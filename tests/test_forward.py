@@ -7,26 +7,15 @@ import gzip
 import hashlib
 import http.client
 import json
-import socket
 import subprocess
 
 import aiohttp
 import pytest
 
-from .conftest import free_port, wait_for
+from .conftest import free_port, raw_exchange, wait_for
 from .upstream import BLOCK, pattern, token_claims
 
 MiB = 1024 * 1024
-
-
-def raw_exchange(port: int, request: bytes) -> bytes:
-    """Send bytes exactly as given and return everything the proxy answers before closing."""
-    with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
-        sock.sendall(request)
-        answer = b""
-        while chunk := sock.recv(65536):
-            answer += chunk
-    return answer
 
 
 def get(url: str, path: str, headers: dict[str, str] | None = None, method: str = "GET"):  # noqa: ANN201

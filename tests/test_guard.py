@@ -4,25 +4,15 @@ from __future__ import annotations
 
 import base64
 import json
-import socket
 
 import pytest
 import requests
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from .conftest import ProxyProcess, free_port
+from .conftest import ProxyProcess, free_port, raw_exchange
 
 KEY = "k3y-for-the-tests-0123456789"
-
-
-def raw_exchange(port: int, request: bytes) -> bytes:
-    with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
-        sock.sendall(request)
-        answer = b""
-        while chunk := sock.recv(65536):
-            answer += chunk
-    return answer
 
 
 def status_line(answer: bytes) -> bytes:
