@@ -51,9 +51,9 @@ def image(tmp_path_factory: pytest.TempPathFactory) -> str:
             "bookworm",
             str(rootfs),
         )
-        tar = subprocess.Popen(["tar", "-C", str(rootfs), "-c", "."], stdout=subprocess.PIPE)
-        imported = subprocess.run(["podman", "import", "-", BASE_IMAGE], stdin=tar.stdout, capture_output=True)
-        assert tar.wait() == 0 and imported.returncode == 0, imported.stderr.decode()[-2000:]
+        with subprocess.Popen(["tar", "-C", str(rootfs), "-c", "."], stdout=subprocess.PIPE) as tar:
+            imported = subprocess.run(["podman", "import", "-", BASE_IMAGE], stdin=tar.stdout, capture_output=True)
+        assert tar.returncode == 0 and imported.returncode == 0, imported.stderr.decode()[-2000:]
         shutil.rmtree(rootfs, ignore_errors=True)
     # --format docker keeps the HEALTHCHECK (the OCI format has no field for it); pip inside the build
     # needs the host's CA bundle to reach the package index here; --layers=false because buildah 1.28
