@@ -58,6 +58,11 @@ def local_origin(request: web.Request) -> str:
     return f"{request.scheme}://{host}"
 
 
+def _failure_kind(exc: BaseException) -> str:
+    """How an upstream answer broke off mid-body, as counted in dicom_proxy_upstream_errors_total."""
+    return "timeout" if isinstance(exc, TimeoutError) else "reset"
+
+
 class Forwarder:
     """The catch-all handler: everything that is not a local endpoint goes through here."""
 
@@ -132,42 +137,42 @@ class Forwarder:
             request[UPSTREAM_FAILURE] = "connect"
             raise UpstreamUnreachable(f"cannot reach {url.host}: {exc or type(exc).__name__}") from exc
 
-    def _response_headers(self, request: web.Request, upstream: aiohttp.ClientResponse) -> CIMultiDict[str]:
+    def _response_headers(
+        self, request: web.Request, upstream: aiohttp.ClientResponse, mapping: BaseMapping | None
+    ) -> CIMultiDict[str]:
         headers = client_response_headers(upstream.headers)
-        if self._settings.rewrite:
-            rewrite_headers(headers, self._mapping(request))
+        if mapping is not None:
+            rewrite_headers(headers, mapping)
         content_type = with_multipart_type(headers.get("Content-Type"), request.headers.get("Accept"))
         if content_type is not None:
             headers["Content-Type"] = content_type
         return headers
 
-    def _mapping(self, request: web.Request) -> BaseMapping:
-        return mapping_for(self._origin, self._base_path, local_origin(request))
-
     async def _relay(self, request: web.Request, upstream: aiohttp.ClientResponse) -> web.StreamResponse:
-        headers = self._response_headers(request, upstream)
+        # Worked out once per request: the headers and a held body both use it.
+        mapping = mapping_for(self._origin, self._base_path, local_origin(request)) if self._settings.rewrite else None
+        headers = self._response_headers(request, upstream, mapping)
         held = b""
-        kind = body_kind(headers.get("Content-Type")) if self._settings.rewrite else None
-        if kind is not None and request.method != "HEAD" and upstream.status not in (204, 304):
+        kind = body_kind(headers.get("Content-Type")) if mapping is not None else None
+        if mapping is not None and kind is not None and request.method != "HEAD" and upstream.status not in (204, 304):
             held, complete = await self._hold(request, upstream)
             if complete:
                 # Whole in hand either way: one Response is one write to the client, not three.
-                rewritten = self._rewritten(held, kind, headers, request)
+                rewritten = self._rewritten(held, kind, headers, mapping)
                 body = held if rewritten is None else rewritten
                 return web.Response(status=upstream.status, reason=upstream.reason, headers=headers, body=body)
-            else:
-                logger.warning(
-                    "%s %s: the %s answer is larger than the rewrite limit (%d bytes); passing it on unrewritten",
-                    request.method,
-                    request.path,
-                    kind.upper(),
-                    self._settings.rewrite_limit,
-                )
+            logger.warning(
+                "%s %s: the %s answer is larger than the rewrite limit (%d bytes); passing it on unrewritten",
+                request.method,
+                request.path,
+                kind.upper(),
+                self._settings.rewrite_limit,
+            )
         response = web.StreamResponse(status=upstream.status, reason=upstream.reason, headers=headers)
         await response.prepare(request)
         if request.transport is not None:
             # The default 64 KiB high-water mark makes every 1 MiB chunk wait for the client before the next
-            # upstream read; a few MiB lets reading and writing overlap.
+            # upstream read; room for one chunk lets reading and writing overlap.
             request.transport.set_write_buffer_limits(high=WRITE_BUFFER_HIGH)
         if held and not await self._write(request, response, held):
             return response
@@ -176,7 +181,7 @@ class Forwarder:
                 chunk = await upstream.content.readany()
             except (TimeoutError, aiohttp.ClientError) as exc:
                 # Close instead of finishing the response: a client must never take a cut body for whole.
-                request[UPSTREAM_FAILURE] = "timeout" if isinstance(exc, TimeoutError) else "reset"
+                request[UPSTREAM_FAILURE] = _failure_kind(exc)
                 logger.warning(
                     "upstream broke off %s %s mid-body (%s); closing the client connection",
                     request.method,
@@ -218,14 +223,14 @@ class Forwarder:
                 size += len(chunk)
         except (TimeoutError, aiohttp.ClientError) as exc:
             # Nothing has reached the client yet, so it can still get a clear error instead of a cut body.
-            request[UPSTREAM_FAILURE] = "timeout" if isinstance(exc, TimeoutError) else "reset"
+            request[UPSTREAM_FAILURE] = _failure_kind(exc)
             raise UpstreamUnreachable(f"the upstream broke off its answer ({type(exc).__name__})") from exc
         return b"".join(chunks), False
 
-    def _rewritten(self, body: bytes, kind: str, headers: CIMultiDict[str], request: web.Request) -> bytes | None:
+    def _rewritten(self, body: bytes, kind: str, headers: CIMultiDict[str], mapping: BaseMapping) -> bytes | None:
         """The body with upstream URLs made local, sent identity-encoded; None to send it as it came."""
         plain = decode(body, headers.get("Content-Encoding"), self._settings.rewrite_limit)
-        rewritten = rewrite_body(plain, kind, self._mapping(request)) if plain is not None else None
+        rewritten = rewrite_body(plain, kind, mapping) if plain is not None else None
         if rewritten is None:
             return None
         for stale in ("Content-Encoding", "Content-Length", "Content-MD5"):
