@@ -93,8 +93,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         settings = load_settings(arguments, os.environ)
     except ConfigurationError as error:
-        print(f"dicom-auth-proxy: error: {error.detail}", file=sys.stderr)
-        return 2
+        return _fail(error.detail, 2)
 
     if arguments.command == "check":
         from .check import run_check
@@ -111,15 +110,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         try:
             run(settings, announce=worker == 0)
         except ConfigurationError as error:
-            print(f"dicom-auth-proxy: error: {error.detail}", file=sys.stderr)
-            return 2
+            return _fail(error.detail, 2)
         except OSError as error:
-            print(
-                f"dicom-auth-proxy: error: cannot listen on {settings.listen_host}:{settings.listen_port}: "
-                f"{error.strerror}",
-                file=sys.stderr,
-            )
-            return 1
+            return _fail(f"cannot listen on {settings.listen_host}:{settings.listen_port}: {error.strerror}", 1)
         return 0
 
     return supervise(settings.workers, serve) if settings.workers > 1 else serve(0)
+
+
+def _fail(detail: str, exit_code: int) -> int:
+    """One line on stderr in argparse's own shape, instead of a traceback."""
+    print(f"dicom-auth-proxy: error: {detail}", file=sys.stderr)
+    return exit_code
