@@ -1,145 +1,306 @@
-"""Builds the aiohttp Application from Settings and runs it.
+"""Builds the proxy from Settings and serves it.
 
-Expensive resources (TLS context, credential, token source, upstream connection pool) are made in one
-start-up hook and closed in the matching clean-up, so building an app is cheap and side-effect free.
+The request path is one handler on aiohttp's low-level server: the guard, then a local endpoint or the
+forwarder, and the one place where the proxy's errors become the DESIGN's JSON bodies. (An Application
+with a router and three middleware layers cost about 40% of small-request throughput.) Building a
+`Proxy` is cheap; `start()` makes the credential, token source and upstream pool, `close()` ends them.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
+import errno
+import json
 import logging
-import os
+import resource
 import signal
-import ssl
-from collections.abc import AsyncIterator, Awaitable, Callable
+import traceback
+from collections.abc import Awaitable, Callable
+from typing import Any
 
 import aiohttp
 from aiohttp import web
 from azure.core.credentials_async import AsyncSupportsTokenInfo
+from multidict import CIMultiDict
 
 from . import __version__
-from .credentials import build_credential
-from .errors import ProxyError, error_response
-from .forward import Forwarder
+from .credentials import build_credential, end_child_processes
+from .errors import (
+    AccessKeyRequired,
+    ExpectationFailed,
+    NotFound,
+    ProxyError,
+    RequestRefused,
+    loggable,
+)
+from .forward import UPSTREAM_FAILURE, Forwarder
 from .guard import Guard
-from .observe import METRICS, AccessLogger, Metrics, Readiness, health
+from .observe import MALFORMED, REQUEST_ID, REQUEST_ID_HEADER, AccessLogger, Metrics, Readiness, health
+from .session import READ_BUFFER, upstream_session
 from .settings import Settings, is_loopback
 from .tokens import TokenSource
 
 logger = logging.getLogger("proxy")
 
-Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+Endpoint = Callable[[web.BaseRequest], Awaitable[web.StreamResponse]]
 
-# Large reads keep the per-chunk Python work small on multi-GiB retrieves while bounding memory per
-# connection to a few MiB.
-READ_BUFFER = 1024 * 1024
 # Header limits (aiohttp's defaults are 8 KiB); DICOMweb requests carry short headers.
 MAX_LINE_SIZE = 16 * 1024
 MAX_FIELD_SIZE = 16 * 1024
-
-TOKEN_SOURCE = web.AppKey("token_source", TokenSource)
-FORWARDER = web.AppKey("forwarder", Forwarder)
-READINESS = web.AppKey("readiness", Readiness)
-
-
-@web.middleware
-async def error_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
-    """The one place where the proxy's own errors become the DESIGN's JSON bodies."""
-    try:
-        return await handler(request)
-    except ProxyError as error:
-        logger.warning("%s %s -> %d %s: %s", request.method, request.path, error.status, error.code, error.detail)
-        return error_response(error)
+# Idle keep-alive connections are closed after this long (aiohttp's web.run_app default).
+KEEPALIVE_TIMEOUT = 75.0
+_CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
 
 
-def build_app(
-    settings: Settings,
-    *,
-    credential: AsyncSupportsTokenInfo | None = None,
-    session: aiohttp.ClientSession | None = None,
-    announce: bool = True,
-) -> web.Application:
-    """The proxy as an Application; `credential` and `session` replace the real ones when given.
+def error_response(error: ProxyError) -> web.Response:
+    """The one place a ProxyError becomes what the client sees."""
+    response = web.Response(
+        status=error.status,
+        body=json.dumps(error.body()).encode(),
+        content_type="application/json",
+    )
+    if isinstance(error, AccessKeyRequired):
+        response.headers["WWW-Authenticate"] = 'Basic realm="dicom-auth-proxy"'
+    return response
 
-    `announce` logs the start-up banner: with several workers, only the first does.
+
+class Proxy:
+    """The request handler: guard, local endpoints, forwarder; `start()`/`close()` own its resources.
+
+    `credential` and `session` replace the real ones when given (they then stay the caller's to close).
     """
-    guard = Guard(settings)
-    metrics = Metrics()
-    app = web.Application(middlewares=[metrics.middleware, error_middleware, guard])
-    app[METRICS] = metrics
-    app.on_response_prepare.append(guard.cors.on_response_prepare)
-    app.on_response_prepare.append(metrics.on_response_prepare)
 
-    async def resources(app: web.Application) -> AsyncIterator[None]:
-        own_credential = credential or build_credential(settings)
-        tokens = TokenSource(
-            own_credential,
+    def __init__(
+        self,
+        settings: Settings,
+        *,
+        credential: AsyncSupportsTokenInfo | None = None,
+        session: aiohttp.ClientSession | None = None,
+    ) -> None:
+        self.settings = settings
+        self.metrics = Metrics()
+        self.guard = Guard(settings)
+        self._given_credential = credential
+        self._given_session = session
+        self._credential: AsyncSupportsTokenInfo | None = None
+        self._session: aiohttp.ClientSession | None = None
+        self.tokens: TokenSource | None = None
+        self._forwarder: Forwarder | None = None
+        self._local: dict[str, Endpoint] = {}
+
+    async def start(self) -> None:
+        settings = self.settings
+        self._credential = self._given_credential or build_credential(settings)
+        self.tokens = tokens = TokenSource(
+            self._credential,
             settings.scope,
             tenant=settings.tenant,
             credential_name=settings.credential,
             refresh_margin=settings.refresh_margin,
-            on_acquisition=metrics.record_acquisition,
+            on_acquisition=self.metrics.record_acquisition,
         )
-        metrics.watch(tokens)
-        own_session = session or upstream_session(settings)
-        app[TOKEN_SOURCE] = tokens
-        app[FORWARDER] = Forwarder(settings, session=own_session, tokens=tokens)
-        app[READINESS] = Readiness(tokens)
-        await tokens.start()
-        if announce:
-            log_banner(settings)
-        yield
-        await tokens.close()
-        if session is None:
-            await own_session.close()
-        if credential is None:
-            await own_credential.close()
+        self.metrics.watch(tokens)
+        self._session = self._given_session or upstream_session(settings)
+        self._forwarder = Forwarder(settings, session=self._session, tokens=tokens, decorate=self.decorate)
+        self._local = {"/-/health": health, "/-/ready": Readiness(tokens), "/-/metrics": self.metrics.endpoint}
+        tokens.start()
 
-    app.cleanup_ctx.append(resources)
-    app.router.add_get("/-/health", health)
-    app.router.add_get("/-/ready", _ready)
-    app.router.add_get("/-/metrics", metrics.endpoint)
-    app.router.add_route("*", "/-/{tail:.*}", _no_such_local_endpoint)
-    app.router.add_route("*", "/{tail:.*}", _forward)
-    return app
+    async def close(self) -> None:
+        if self.tokens is not None:
+            await self.tokens.close()
+        # An `az` cancelled mid-run keeps running otherwise (azure-identity does not stop it).
+        end_child_processes()
+        if self._given_session is None and self._session is not None:
+            await self._session.close()
+        if self._given_credential is None and self._credential is not None:
+            await self._credential.close()
+
+    async def __call__(self, request: web.BaseRequest) -> web.StreamResponse:
+        started = self.metrics.begin(request)
+        response: web.StreamResponse | None = None
+        try:
+            response = await self._answer(request)
+            return response
+        finally:
+            if response is None:
+                status, sent = None, 0
+            else:
+                # A response not prepared yet is written by aiohttp after this returns, whole.
+                status = response.status
+                sent = response.body_length if response.prepared else response.content_length or 0
+            self.metrics.end(request, status, sent, started, request.get(UPSTREAM_FAILURE))
+
+    async def _answer(self, request: web.BaseRequest) -> web.StreamResponse:
+        try:
+            answer = self.guard.check(request)
+            if answer is None:
+                path = request.path
+                if path.startswith("/-/"):
+                    endpoint = self._local.get(path)
+                    if endpoint is None:
+                        raise NotFound(f"{loggable(path, 100)} is not a local endpoint; /-/ is reserved for the proxy")
+                    answer = await endpoint(request)
+                else:
+                    assert self._forwarder is not None, "start() was not awaited"
+                    await _invite_body(request)
+                    answer = await self._forwarder(request)
+        except ProxyError as error:
+            logger.warning(
+                "%s %s -> %d %s: %s",
+                request.method,
+                loggable(request.path),
+                error.status,
+                error.code,
+                error.detail,
+            )
+            answer = error_response(error)
+        if not answer.prepared:
+            self.decorate(request, answer.headers)
+        return answer
+
+    def decorate(self, request: web.BaseRequest, headers: CIMultiDict[str]) -> None:
+        """The proxy's own headers on every answer: the request id, and CORS for listed origins."""
+        headers[REQUEST_ID_HEADER] = request[REQUEST_ID]
+        if "Origin" in request.headers:
+            self.guard.cors.decorate(request, headers)
+
+    def refuse_unparsable(self, request: web.BaseRequest, status: int, exc: BaseException | None) -> web.Response:
+        """The JSON answer for bytes aiohttp's parser refused (or a bug: status 500), never echoing them."""
+        if status >= 500:
+            # The frames say where the bug is; the message is left out, as it may quote the client.
+            frames = "".join(traceback.format_tb(exc.__traceback__)) if exc is not None else ""
+            logger.error("internal error (%s); please report it with these lines:\n%s", type(exc).__name__, frames)
+            error = ProxyError("the proxy failed while answering this request")
+        else:
+            request[MALFORMED] = True
+            self.metrics.malformed()
+            error = RequestRefused(f"the request is not valid HTTP/1.1 ({type(exc).__name__})")
+        response = error_response(error)
+        response.set_status(status)
+        response.headers[REQUEST_ID_HEADER] = self.metrics.request_id()
+        return response
+
+    def log_banner(self) -> None:
+        settings = self.settings
+        if settings.access_key is None and not is_loopback(settings.listen_host):
+            logger.warning(
+                "LISTENING ON %s WITHOUT AN ACCESS KEY (--allow-unauthenticated-remote): anyone who can reach "
+                "this port reads and writes your DICOM service with your Azure identity",
+                settings.listen_host,
+            )
+        logger.info(
+            "dicom-auth-proxy %s serving %s -> %s (credential: %s, audience: %s)",
+            __version__,
+            settings.local_url,
+            settings.upstream,
+            settings.credential,
+            settings.audience,
+        )
+        logger.info("DICOMweb base URL for viewers and scripts: %s", viewer_base_url(settings))
 
 
-async def _forward(request: web.Request) -> web.StreamResponse:
-    return await request.app[FORWARDER](request)
+async def _invite_body(request: web.BaseRequest) -> None:
+    """Answer `Expect: 100-continue` only now that the guard let the request through (RFC 9110 10.1.1)."""
+    expect = request.headers.get("Expect")
+    if expect is None:
+        return
+    if expect.strip().lower() != "100-continue":
+        raise ExpectationFailed("the request's Expect header asks for something other than 100-continue")
+    if request.version >= aiohttp.HttpVersion11:
+        await request.writer.write(_CONTINUE)
 
 
-async def _ready(request: web.Request) -> web.StreamResponse:
-    return await request.app[READINESS](request)
+class _Connection(web.RequestHandler):
+    """One client connection: aiohttp's, plus a silence limit and the proxy's own answer to bad bytes.
+
+    aiohttp waits forever for a request line and headers that never finish, and answers what its parser
+    refuses with text that quotes the request (and logs it with a traceback).
+    """
+
+    def __init__(self, manager: web.Server, *, proxy: Proxy, silence: float, **options: Any) -> None:
+        super().__init__(manager, **options)
+        self._proxy = proxy
+        self._silence = silence
+        self._event_loop = options["loop"]
+        self._heard_at = 0.0
+        self._silence_timer: asyncio.TimerHandle | None = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        super().connection_made(transport)
+        self._heard_at = self._event_loop.time()
+        self._silence_timer = self._event_loop.call_at(self._heard_at + self._silence, self._check_silence)
+
+    def connection_lost(self, exc: BaseException | None) -> None:
+        if self._silence_timer is not None:
+            self._silence_timer.cancel()
+            self._silence_timer = None
+        super().connection_lost(exc)
+
+    def data_received(self, data: bytes) -> None:
+        self._heard_at = self._event_loop.time()
+        super().data_received(data)
+
+    def _check_silence(self) -> None:
+        now = self._event_loop.time()
+        # While a request is handled, the forwarder times the body; waiting on the upstream is no silence.
+        if now - self._heard_at < self._silence or self._request_in_progress:
+            self._silence_timer = self._event_loop.call_at(
+                max(self._heard_at, now) + self._silence, self._check_silence
+            )
+            return
+        self._silence_timer = None
+        if self.transport is not None:
+            body = json.dumps(
+                {
+                    "error": "request_timeout",
+                    "detail": f"no request arrived within {self._silence:g}s",
+                    "hint": "Send the whole request without pausing longer than the proxy's --read-timeout.",
+                }
+            ).encode()
+            head = (
+                "HTTP/1.1 408 Request Timeout\r\nContent-Type: application/json\r\n"
+                f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n"
+            )
+            self.transport.write(head.encode() + body)
+        self.force_close()
+
+    def handle_error(
+        self,
+        request: web.BaseRequest,
+        status: int = 500,
+        exc: BaseException | None = None,
+        message: str | None = None,
+    ) -> web.StreamResponse:
+        if request.writer.output_size > 0:
+            raise ConnectionError("the answer had started; the connection is closed instead")
+        response = self._proxy.refuse_unparsable(request, status, exc)
+        response.force_close()
+        return response
 
 
-async def _no_such_local_endpoint(request: web.Request) -> web.StreamResponse:
-    return web.json_response(
-        {
-            "error": "not_found",
-            "detail": f"{request.path} is not a local endpoint; /-/ is reserved for the proxy",
-            "hint": "Local endpoints: /-/health, /-/ready, /-/metrics.",
-        },
-        status=404,
-    )
+class _Server(web.Server):
+    """aiohttp's low-level server, making `_Connection`s."""
+
+    def __init__(self, proxy: Proxy, *, silence: float, **options: Any) -> None:
+        super().__init__(proxy, handler_cancellation=True, **options)
+        self._proxy = proxy
+        self._connection_options = {"silence": silence, **options}
+
+    def __call__(self) -> web.RequestHandler:
+        return _Connection(self, proxy=self._proxy, loop=asyncio.get_running_loop(), **self._connection_options)
 
 
-def upstream_session(settings: Settings) -> aiohttp.ClientSession:
-    """The pooled client for the upstream: no cookie jar, no decompression, no redirects, no total timeout."""
-    tls = ssl.create_default_context()
-    if settings.ca_bundle is not None:
-        tls.load_verify_locations(cafile=str(settings.ca_bundle))
-    return aiohttp.ClientSession(
-        connector=aiohttp.TCPConnector(ssl=tls, limit=0, enable_cleanup_closed=False),
-        cookie_jar=aiohttp.DummyCookieJar(),
-        auto_decompress=False,
-        # Without this aiohttp would add Accept-Encoding: gzip (and others) the client never asked for.
-        skip_auto_headers=("Accept", "Accept-Encoding", "User-Agent", "Content-Type"),
-        timeout=aiohttp.ClientTimeout(total=None, connect=settings.connect_timeout, sock_read=settings.read_timeout),
+def build_server(proxy: Proxy) -> web.Server:
+    """The HTTP server for `proxy`, with the proxy's limits and access log."""
+    return _Server(
+        proxy,
+        silence=proxy.settings.read_timeout,
+        access_log_class=AccessLogger,
+        keepalive_timeout=KEEPALIVE_TIMEOUT,
+        max_line_size=MAX_LINE_SIZE,
+        max_field_size=MAX_FIELD_SIZE,
         read_bufsize=READ_BUFFER,
-        # Proxies are resolved once into Settings.upstream_proxy; trust_env would also read ~/.netrc and
-        # could put Basic credentials where the bearer token belongs.
-        trust_env=False,
+        auto_decompress=False,
     )
 
 
@@ -148,22 +309,58 @@ def viewer_base_url(settings: Settings) -> str:
     return settings.local_url + ("/v2" if settings.upstream.raw_path in ("", "/") else "")
 
 
-def log_banner(settings: Settings) -> None:
-    if settings.access_key is None and not is_loopback(settings.listen_host):
-        logger.warning(
-            "LISTENING ON %s WITHOUT AN ACCESS KEY (--allow-unauthenticated-remote): anyone who can reach "
-            "this port reads and writes your DICOM service with your Azure identity",
-            settings.listen_host,
-        )
-    logger.info(
-        "dicom-auth-proxy %s serving %s -> %s (credential: %s, audience: %s)",
-        __version__,
-        settings.local_url,
-        settings.upstream,
-        settings.credential,
-        settings.audience,
-    )
-    logger.info("DICOMweb base URL for viewers and scripts: %s", viewer_base_url(settings))
+async def serve(settings: Settings, *, announce: bool = True) -> None:
+    """Serve until SIGINT/SIGTERM; in-flight requests then get `shutdown_grace` seconds to finish."""
+    loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
+    for signal_number in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(signal_number, stop.set)
+    loop.set_exception_handler(_DescriptorShortage().handle)
+    proxy = Proxy(settings)
+    await proxy.start()
+    runner = web.ServerRunner(build_server(proxy), shutdown_timeout=settings.shutdown_grace)
+    await runner.setup()
+    try:
+        site = web.TCPSite(runner, settings.listen_host, settings.listen_port, reuse_port=settings.workers > 1 or None)
+        await site.start()
+        if announce:
+            proxy.log_banner()
+        await stop.wait()
+    finally:
+        await runner.cleanup()
+        await proxy.close()
+
+
+class _DescriptorShortage:
+    """Says once, clearly, that connections wait because the process ran out of file descriptors."""
+
+    def __init__(self) -> None:
+        self._told = False
+
+    def handle(self, loop: asyncio.AbstractEventLoop, context: dict[str, Any]) -> None:
+        exc = context.get("exception")
+        if isinstance(exc, OSError) and exc.errno in (errno.EMFILE, errno.ENFILE):
+            if not self._told:
+                self._told = True
+                soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
+                logger.error(
+                    "out of file descriptors (limit %d): new connections wait until others close; "
+                    "raise the limit (ulimit -n) or close idle clients",
+                    soft,
+                )
+            return
+        loop.default_exception_handler(context)
+
+
+def raise_open_file_limit() -> None:
+    """Each connection costs two descriptors (client and upstream): take all the hard limit allows."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    wanted = hard if hard != resource.RLIM_INFINITY else max(soft, 1 << 20)
+    if soft != resource.RLIM_INFINITY and soft < wanted:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (wanted, hard))
+        except (ValueError, OSError):
+            logger.debug("could not raise the open-files limit from %d", soft)
 
 
 def _fast_event_loop() -> asyncio.AbstractEventLoop:
@@ -176,63 +373,11 @@ def _fast_event_loop() -> asyncio.AbstractEventLoop:
 
 
 def run(settings: Settings, *, announce: bool = True) -> None:
-    """Serve until SIGINT/SIGTERM; in-flight requests get `shutdown_timeout` to finish."""
-    web.run_app(
-        build_app(settings, announce=announce),
-        loop=_fast_event_loop(),
-        host=settings.listen_host,
-        port=settings.listen_port,
-        reuse_port=settings.workers > 1 or None,
-        print=None,
-        access_log_class=AccessLogger,
-        handler_cancellation=True,
-        shutdown_timeout=settings.shutdown_grace,
-        max_line_size=MAX_LINE_SIZE,
-        max_field_size=MAX_FIELD_SIZE,
-        read_bufsize=READ_BUFFER,
-        auto_decompress=False,
-    )
-
-
-def supervise(workers: int, serve: Callable[[int], int]) -> int:
-    """Fork `workers` processes that each `serve(number)` on the shared port; return 0 if all exit cleanly.
-
-    Forked before any event loop, thread or credential exists. Each worker gets a session of its own, so a
-    terminal's Ctrl-C reaches only this supervisor, which passes SIGINT/SIGTERM on once; when one worker
-    fails, the others are stopped too rather than serving on at reduced strength.
-    """
-    children: set[int] = set()
-
-    def stop(signal_number: int, frame: object = None) -> None:
-        for pid in children:
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, signal_number)
-
-    # Installed before the first fork, so no SIGTERM can fall between forking and forwarding; each worker
-    # puts the previous handlers back until aiohttp installs its own.
-    previous = {each: signal.signal(each, stop) for each in (signal.SIGTERM, signal.SIGINT)}
-    for number in range(workers):
-        pid = os.fork()
-        if pid == 0:
-            for signal_number, handler in previous.items():
-                signal.signal(signal_number, handler)
-            os.setsid()
-            code = 1
-            try:
-                code = serve(number)
-            finally:
-                logging.shutdown()
-                os._exit(code)
-        children.add(pid)
-    logger.info("%d worker processes share port (SO_REUSEPORT), each with its own token", workers)
-
-    worst = 0
-    while children:
-        pid, status = os.wait()
-        children.discard(pid)
-        code = os.waitstatus_to_exitcode(status)  # negative: killed by that signal
-        if code != 0 and worst == 0:
-            logger.error("a worker exited with status %d; stopping the others", code)
-            stop(signal.SIGTERM)
-            worst = code if code > 0 else 1
-    return worst
+    """Serve in a fresh event loop until SIGINT/SIGTERM."""
+    raise_open_file_limit()
+    loop = _fast_event_loop()
+    try:
+        loop.run_until_complete(serve(settings, announce=announce))
+    finally:
+        loop.run_until_complete(loop.shutdown_asyncgens())
+        loop.close()

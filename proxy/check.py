@@ -7,6 +7,7 @@ without a token so that network and TLS problems show up too. The token itself i
 from __future__ import annotations
 
 import asyncio
+import logging
 import re
 import shutil
 import time
@@ -18,9 +19,9 @@ import aiohttp
 from azure.core.credentials import TokenRequestOptions
 from azure.core.exceptions import AzureError
 
-from .app import upstream_session
 from .credentials import build_credential
 from .errors import ConfigurationError
+from .session import upstream_session
 from .settings import Settings
 from .tokens import describe_identity, expiry_text, token_claims
 
@@ -80,9 +81,7 @@ async def _check_token(settings: Settings, findings: list[Finding], which: Calla
         fix = "run 'az login'" if settings.credential == "cli" else f"check the {settings.credential} credential"
         findings.append(Finding(False, "signed in", message, fix))
         return None
-    findings.append(
-        Finding(True, "signed in", f"a token for {settings.audience} from the {settings.credential} credential")
-    )
+    findings.append(Finding(True, "signed in", f"the {settings.credential} credential gave a token"))
 
     claims = token_claims(info.token)
     audience = str(claims.get("aud", "")).rstrip("/")
@@ -168,6 +167,8 @@ def _judge(status: int, challenge: str, url: str) -> Finding:
 
 
 def run_check(settings: Settings, out: TextIO) -> int:
+    # azure-identity logs its own "get_token_info failed" warnings; the findings already say it, once.
+    logging.getLogger("azure").setLevel(logging.CRITICAL)
     findings = asyncio.run(diagnose(settings))
     for finding in findings:
         print(finding.line(), file=out)

@@ -10,15 +10,22 @@ import argparse
 import os
 import sys
 from collections.abc import Mapping, Sequence
-from typing import Any
+from typing import Any, NoReturn
 
 from . import __version__
 from .errors import ConfigurationError
 from .settings import CREDENTIAL_KINDS, LOG_FORMATS, Settings, build_settings
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse, but a bad option gets the same one line as a bad value, not the whole usage."""
+
+    def error(self, message: str) -> NoReturn:
+        sys.exit(_fail(f"{message} (see '{self.prog} --help')", 2))
+
+
 def parser() -> argparse.ArgumentParser:
-    top = argparse.ArgumentParser(
+    top = _Parser(
         prog="dicom-auth-proxy",
         description="Local authenticating proxy for the Azure Health Data Services DICOM service.",
     )
@@ -104,7 +111,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     configure_logging(settings.log_format)
 
-    from .app import run, supervise
+    from .app import run
+    from .supervisor import supervise
 
     def serve(worker: int) -> int:
         try:

@@ -3,26 +3,36 @@
     ProxyError                      (500) anything the proxy itself refuses or fails at
      ├── ConfigurationError         bad settings; the CLI prints one line and exits 2 (never sent over HTTP)
      ├── TokenUnavailable           (503) no token can be had from the credential
+     ├── TokenRefused               (503) the service refuses every token it is given (audience, role)
+     ├── NotReady                   (503) /-/ready before the first token
      ├── UpstreamUnreachable        (502) the upstream cannot be connected to or broke before answering
      ├── UpstreamTimeout            (504) the upstream did not answer in time
      ├── RequestRefused             (400) a request the proxy will not forward (bad target, bad framing)
+     ├── ClientTimeout              (408) the client went silent while sending its request
+     ├── ExpectationFailed          (417) an Expect header other than 100-continue
+     ├── NotFound                   (404) a local endpoint that does not exist
      ├── PolicyRefused              (403) a request the policy forbids
      ├── HostNotAllowed             (421) a Host header outside the allowlist
      └── AccessKeyRequired          (401) the local access key is missing or wrong
 
 Errors of azure-identity and aiohttp are translated into these at their boundary (tokens.py, forward.py),
-and `error_response()` is the single place where they become HTTP responses.
+and app.py is the single place where they become HTTP responses. Nothing here knows about HTTP servers.
 """
 
 from __future__ import annotations
 
-import json
+import re
 
-from aiohttp import web
+# C0 and C1 control characters and DEL: a logged path holding them could forge log lines or drive a
+# terminal (issue 10).
+_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")
 
-# Where the forwarder notes how the upstream failed (connect, tls, timeout, reset) for the metrics, which
-# see only the response the client got.
-UPSTREAM_FAILURE = web.RequestKey("upstream_failure", str)
+
+def loggable(text: str, limit: int = 300) -> str:
+    """`text` (a client's path) with control characters escaped, cut to `limit`, safe for one log line."""
+    if len(text) > limit:
+        text = text[:limit] + "..."
+    return _CONTROL.sub(lambda match: f"\\x{ord(match.group()):02x}", text)
 
 
 class ProxyError(Exception):
@@ -56,6 +66,21 @@ class TokenUnavailable(ProxyError):
     )
 
 
+class TokenRefused(ProxyError):
+    status = 503
+    code = "token_refused"
+    hint = (
+        "A 401 naming the audience means --audience is wrong (use https://dicom.healthcareapis.azure.com); "
+        "otherwise give the identity a DICOM role on the service. Run 'dicom-auth-proxy check' to see which."
+    )
+
+
+class NotReady(ProxyError):
+    status = 503
+    code = "not_ready"
+    hint = "Wait a moment and retry."
+
+
 class UpstreamUnreachable(ProxyError):
     status = 502
     code = "upstream_unreachable"
@@ -74,6 +99,24 @@ class RequestRefused(ProxyError):
     hint = "Send an origin-form request such as 'GET /v2/studies HTTP/1.1' to the proxy."
 
 
+class ClientTimeout(ProxyError):
+    status = 408
+    code = "request_timeout"
+    hint = "Send the whole request without pausing longer than the proxy's --read-timeout."
+
+
+class ExpectationFailed(ProxyError):
+    status = 417
+    code = "expectation_failed"
+    hint = "Only 'Expect: 100-continue' is understood; send the request without another Expect."
+
+
+class NotFound(ProxyError):
+    status = 404
+    code = "not_found"
+    hint = "Local endpoints: /-/health, /-/ready, /-/metrics."
+
+
 class PolicyRefused(ProxyError):
     status = 403
     code = "forbidden"
@@ -90,15 +133,3 @@ class AccessKeyRequired(ProxyError):
     status = 401
     code = "access_key_required"
     hint = "Send the proxy's access key as the Basic auth password or in the X-Dicom-Proxy-Key header."
-
-
-def error_response(error: ProxyError) -> web.Response:
-    """The one place a ProxyError becomes what the client sees."""
-    response = web.Response(
-        status=error.status,
-        body=json.dumps(error.body()).encode(),
-        content_type="application/json",
-    )
-    if isinstance(error, AccessKeyRequired):
-        response.headers["WWW-Authenticate"] = 'Basic realm="dicom-auth-proxy"'
-    return response

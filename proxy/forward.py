@@ -1,14 +1,17 @@
 """The streaming forwarder: one client request becomes one upstream request with the token added.
 
 Bodies flow through in bounded pieces in both directions, with backpressure from whichever side is
-slower. A 401 from the upstream invalidates the token and, when the request body can be sent again, the
-request is retried once with a fresh token.
+slower. A 401 from the upstream is reported to the TokenSource and, when it says a fresh token is worth
+a try and the request body can be sent again, the request is retried once with a fresh token. A client
+that goes silent while sending its body for longer than the read timeout is cut off.
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import re
+from collections.abc import AsyncIterator, Callable
 from urllib.parse import unquote
 
 import aiohttp
@@ -16,7 +19,13 @@ from aiohttp import web
 from multidict import CIMultiDict
 from yarl import URL
 
-from .errors import UPSTREAM_FAILURE, RequestRefused, UpstreamTimeout, UpstreamUnreachable
+from .errors import (
+    ClientTimeout,
+    RequestRefused,
+    UpstreamTimeout,
+    UpstreamUnreachable,
+    loggable,
+)
 from .headers import client_response_headers, upstream_request_headers
 from .rewrite import (
     BaseMapping,
@@ -33,14 +42,23 @@ from .tokens import TokenSource
 
 logger = logging.getLogger("proxy.forward")
 
-Body = bytes | aiohttp.StreamReader | None
+Body = bytes | AsyncIterator[bytes] | None
+# Adds the proxy's own response headers (request id, CORS) to an answer before it leaves.
+Decorate = Callable[[web.BaseRequest, CIMultiDict[str]], None]
+
+# Where the forwarder notes how the upstream failed (connect, tls, timeout, reset) for the metrics, which
+# see only the response the client got.
+UPSTREAM_FAILURE = web.RequestKey("upstream_failure", str)
+# Set when the client stopped sending its body: the upstream request failed because of the client.
+_CLIENT_STALLED = web.RequestKey("client_stalled", bool)
+_CHALLENGE_DESCRIPTION = re.compile(r'error_description="([^"]{0,200})"')
 
 WRITE_BUFFER_HIGH = 1024 * 1024
 
 _SEGMENT_SEPARATORS = re.compile(r"[/\\]")
 
 
-def local_origin(request: web.Request) -> str:
+def local_origin(request: web.BaseRequest) -> str:
     """The origin the client used: its Host (which passed the allowlist), with the port it really connected to.
 
     Some clients send a Host without the port (dicomweb-client does, on non-default ports); links built
@@ -66,10 +84,19 @@ def _failure_kind(exc: BaseException) -> str:
 class Forwarder:
     """The catch-all handler: everything that is not a local endpoint goes through here."""
 
-    def __init__(self, settings: Settings, *, session: aiohttp.ClientSession, tokens: TokenSource) -> None:
+    def __init__(
+        self,
+        settings: Settings,
+        *,
+        session: aiohttp.ClientSession,
+        tokens: TokenSource,
+        decorate: Decorate | None = None,
+    ) -> None:
         self._settings = settings
         self._session = session
         self._tokens = tokens
+        self._decorate = decorate
+        self._silence = settings.read_timeout
         self._origin = str(settings.upstream.origin())
         self._base_path = settings.upstream.raw_path.rstrip("/")
         self._proxy = settings.upstream_proxy
@@ -81,33 +108,52 @@ class Forwarder:
             raise RequestRefused("the path contains '.' or '..' segments, which could climb above the base path")
         return URL(self._origin + upstream_path(self._base_path, raw_target), encoded=True)
 
-    async def __call__(self, request: web.Request) -> web.StreamResponse:
+    async def __call__(self, request: web.BaseRequest) -> web.StreamResponse:
         url = self.upstream_url(request.raw_path)
         body = await self._request_body(request)
         token = await self._tokens.get()
         upstream = await self._send(request, url, token, body)
         if upstream.status == 401:
-            self._tokens.invalidate(token)
-            if not isinstance(body, aiohttp.StreamReader):
+            retry = self._tokens.refused(token, _challenge_description(upstream))
+            if retry and not isinstance(body, AsyncIterator):
                 upstream.release()
                 logger.info("upstream refused the token (401); retrying once with a fresh token")
                 token = await self._tokens.get()
                 upstream = await self._send(request, url, token, body)
+        if upstream.status != 401:
+            self._tokens.accepted()
+        if upstream.status == 101:
+            upstream.close()
+            raise UpstreamUnreachable("the service answered 101 Switching Protocols, which the proxy does not relay")
         try:
             return await self._relay(request, upstream)
         finally:
             upstream.close()
 
-    async def _request_body(self, request: web.Request) -> Body:
+    async def _request_body(self, request: web.BaseRequest) -> Body:
         """Small bodies are buffered so a 401 can be retried; anything larger or unsized streams."""
         if not request.body_exists:
             return None
         length = request.content_length
         if length is not None and length <= self._settings.replay_limit:
-            return await request.read()
-        return request.content
+            return b"".join([chunk async for chunk in self._client_body(request)])
+        return self._client_body(request)
 
-    async def _send(self, request: web.Request, url: URL, token: str, body: Body) -> aiohttp.ClientResponse:
+    async def _client_body(self, request: web.BaseRequest) -> AsyncIterator[bytes]:
+        """The client's body as it arrives; a pause longer than the read timeout ends the request."""
+        content = request.content
+        while True:
+            try:
+                async with asyncio.timeout(self._silence):
+                    chunk = await content.readany()
+            except TimeoutError:
+                request[_CLIENT_STALLED] = True
+                raise ClientTimeout(f"the client sent no body bytes for {self._silence:g}s") from None
+            if not chunk:
+                return
+            yield chunk
+
+    async def _send(self, request: web.BaseRequest, url: URL, token: str, body: Body) -> aiohttp.ClientResponse:
         headers = upstream_request_headers(
             request.headers,
             token=token,
@@ -124,23 +170,35 @@ class Forwarder:
                 allow_redirects=False,
                 proxy=self._proxy,
             )
-        except aiohttp.ClientSSLError as exc:
+        except ClientTimeout:
+            raise
+        except Exception as exc:
+            if request.get(_CLIENT_STALLED):
+                raise ClientTimeout(f"the client sent no body bytes for {self._silence:g}s") from exc
+            raise self._upstream_error(request, url, exc) from exc
+
+    def _upstream_error(self, request: web.BaseRequest, url: URL, exc: Exception) -> Exception:
+        """An aiohttp failure to reach the upstream as the proxy's own error; anything else as it is."""
+        if isinstance(exc, aiohttp.ClientSSLError):
             request[UPSTREAM_FAILURE] = "tls"
-            raise UpstreamUnreachable(
+            return UpstreamUnreachable(
                 f"TLS with {url.host} failed: {exc}",
                 hint="If your network inspects TLS, pass its CA with --ca-bundle.",
-            ) from exc
-        except (TimeoutError, aiohttp.ServerTimeoutError) as exc:
+            )
+        if isinstance(exc, TimeoutError | aiohttp.ServerTimeoutError):
             request[UPSTREAM_FAILURE] = "timeout"
-            raise UpstreamTimeout(f"{url.host} did not answer within the timeout") from exc
-        except aiohttp.ClientError as exc:
+            return UpstreamTimeout(f"{url.host} did not answer within the timeout")
+        if isinstance(exc, aiohttp.ClientError):
             request[UPSTREAM_FAILURE] = "connect"
-            raise UpstreamUnreachable(f"cannot reach {url.host}: {exc or type(exc).__name__}") from exc
+            return UpstreamUnreachable(f"cannot reach {url.host}: {exc or type(exc).__name__}")
+        return exc
 
     def _response_headers(
-        self, request: web.Request, upstream: aiohttp.ClientResponse, mapping: BaseMapping | None
+        self, request: web.BaseRequest, upstream: aiohttp.ClientResponse, mapping: BaseMapping | None
     ) -> CIMultiDict[str]:
         headers = client_response_headers(upstream.headers)
+        if self._decorate is not None:
+            self._decorate(request, headers)
         if mapping is not None:
             rewrite_headers(headers, mapping)
         content_type = with_multipart_type(headers.get("Content-Type"), request.headers.get("Accept"))
@@ -148,7 +206,7 @@ class Forwarder:
             headers["Content-Type"] = content_type
         return headers
 
-    async def _relay(self, request: web.Request, upstream: aiohttp.ClientResponse) -> web.StreamResponse:
+    async def _relay(self, request: web.BaseRequest, upstream: aiohttp.ClientResponse) -> web.StreamResponse:
         # Worked out once per request: the headers and a held body both use it.
         mapping = mapping_for(self._origin, self._base_path, local_origin(request)) if self._settings.rewrite else None
         headers = self._response_headers(request, upstream, mapping)
@@ -164,7 +222,7 @@ class Forwarder:
             logger.warning(
                 "%s %s: the %s answer is larger than the rewrite limit (%d bytes); passing it on unrewritten",
                 request.method,
-                request.path,
+                loggable(request.path),
                 kind.upper(),
                 self._settings.rewrite_limit,
             )
@@ -185,7 +243,7 @@ class Forwarder:
                 logger.warning(
                     "upstream broke off %s %s mid-body (%s); closing the client connection",
                     request.method,
-                    request.path,
+                    loggable(request.path),
                     type(exc).__name__,
                 )
                 if request.transport is not None:
@@ -198,16 +256,16 @@ class Forwarder:
         await response.write_eof()
         return response
 
-    async def _write(self, request: web.Request, response: web.StreamResponse, chunk: bytes) -> bool:
+    async def _write(self, request: web.BaseRequest, response: web.StreamResponse, chunk: bytes) -> bool:
         try:
             await response.write(chunk)
         except ConnectionResetError:
             # The client went away; leaving closes the upstream connection, which cancels its side.
-            logger.info("client went away during %s %s", request.method, request.path)
+            logger.info("client went away during %s %s", request.method, loggable(request.path))
             return False
         return True
 
-    async def _hold(self, request: web.Request, upstream: aiohttp.ClientResponse) -> tuple[bytes, bool]:
+    async def _hold(self, request: web.BaseRequest, upstream: aiohttp.ClientResponse) -> tuple[bytes, bool]:
         """Read a body up to the rewrite limit: (the bytes, whether that was all of it)."""
         limit = self._settings.rewrite_limit
         if upstream.content_length is not None and upstream.content_length > limit:
@@ -236,3 +294,9 @@ class Forwarder:
         for stale in ("Content-Encoding", "Content-Length", "Content-MD5"):
             headers.popall(stale, None)
         return rewritten
+
+
+def _challenge_description(upstream: aiohttp.ClientResponse) -> str:
+    """The service's reason for a 401, from its WWW-Authenticate challenge, for the log and /-/ready."""
+    found = _CHALLENGE_DESCRIPTION.search(upstream.headers.get("WWW-Authenticate", ""))
+    return f"401: {found.group(1)}" if found else "401 Unauthorized"

@@ -1,7 +1,9 @@
 """Local endpoints (/-/health, /-/ready, /-/metrics), request ids, metrics, the access log and log format.
 
-Liveness never touches the token or the upstream; readiness reports whether a valid token is held.
-Metrics live in a registry of their own per application, so two apps in one process never mix counts.
+Liveness never touches the token or the upstream; readiness reports whether a valid token is held and
+the service has not refused it. Metrics live in a registry of their own per proxy, so two proxies in one
+process never mix counts. No client bytes reach a log line except the path, with control characters
+escaped.
 """
 
 from __future__ import annotations
@@ -12,7 +14,7 @@ import logging
 import os
 import re
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable
 from datetime import UTC, datetime
 from typing import Any
 
@@ -20,12 +22,12 @@ from aiohttp import web
 from aiohttp.abc import AbstractAccessLogger
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
-from .errors import UPSTREAM_FAILURE
+from .errors import NotReady, loggable
 from .tokens import TokenSource, expiry_text
 
-Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
-
 REQUEST_ID = web.RequestKey("request_id", str)
+# Set on the stand-in request aiohttp makes for bytes its parser refused: it has no real method or path.
+MALFORMED = web.RequestKey("malformed", bool)
 REQUEST_ID_HEADER = "X-Request-Id"
 # A client's own request id is kept when it looks like one; anything else could forge log lines.
 _CLIENT_REQUEST_ID = re.compile(r"^[A-Za-z0-9._:-]{1,64}$")
@@ -33,26 +35,23 @@ _KNOWN_METHODS = frozenset({"GET", "HEAD", "OPTIONS", "POST", "PUT", "PATCH", "D
 _DURATION_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300, 1800)
 
 
-async def health(request: web.Request) -> web.Response:
+async def health(request: web.BaseRequest) -> web.Response:
     return web.json_response({"status": "ok"})
 
 
 class Readiness:
-    """200 while a valid token is held, 503 with the reason otherwise."""
+    """200 while a valid token is held and the service has not refused it; raises the reason otherwise."""
 
     def __init__(self, tokens: TokenSource) -> None:
         self._tokens = tokens
 
-    async def __call__(self, request: web.Request) -> web.Response:
+    async def __call__(self, request: web.BaseRequest) -> web.Response:
+        if self._tokens.refusal is not None:
+            raise self._tokens.refusal
         token = self._tokens.current
         if token is not None:
             return web.json_response({"status": "ready", "token_expires_at": expiry_text(token.expires_on)})
-        error = self._tokens.last_error
-        detail = error.detail if error else "the first token has not been acquired yet"
-        return web.json_response(
-            {"error": "not_ready", "detail": detail, "hint": error.hint if error else "Wait a moment and retry."},
-            status=503,
-        )
+        raise self._tokens.last_error or NotReady("the first token has not been acquired yet")
 
 
 class Metrics:
@@ -122,40 +121,32 @@ class Metrics:
 
         self.token_expires_in.set_function(expires_in)
 
-    async def endpoint(self, request: web.Request) -> web.Response:
+    async def endpoint(self, request: web.BaseRequest) -> web.Response:
         response = web.Response(body=generate_latest(self.registry))
         response.headers["Content-Type"] = CONTENT_TYPE_LATEST
         return response
 
-    @web.middleware
-    async def middleware(self, request: web.Request, handler: Handler) -> web.StreamResponse:
-        """Outermost: gives each request its id and counts what the client finally got."""
-        incoming = request.headers.get(REQUEST_ID_HEADER, "")
+    def begin(self, request: web.BaseRequest) -> float:
+        """Give the request its id and count it in flight; returns the start time for `end`."""
+        incoming = request.headers.get(REQUEST_ID_HEADER)
         request[REQUEST_ID] = incoming if incoming and _CLIENT_REQUEST_ID.match(incoming) else self.request_id()
-        started = time.perf_counter()
-        status = "error"
         self.in_flight.inc()
-        try:
-            response = await handler(request)
-            status = f"{response.status // 100}xx"
-            return response
-        finally:
-            self.in_flight.dec()
-            method = request.method if request.method in _KNOWN_METHODS else "other"
-            self._requests_counter(method, status).inc()
-            self.duration.observe(time.perf_counter() - started)
-            self.bytes_in.inc(request.content.total_bytes)
-            failure = request.get(UPSTREAM_FAILURE)
-            if failure is not None:
-                self.upstream_errors.labels(kind=failure).inc()
+        return time.perf_counter()
 
-    async def on_response_prepare(self, request: web.Request, response: web.StreamResponse) -> None:
-        request_id = request.get(REQUEST_ID)
-        if request_id is not None:
-            response.headers[REQUEST_ID_HEADER] = request_id
+    def end(self, request: web.BaseRequest, status: int | None, sent: int, started: float, failure: str | None) -> None:
+        """Count what the client finally got: `status` None when the exchange broke off."""
+        self.in_flight.dec()
+        method = request.method if request.method in _KNOWN_METHODS else "other"
+        self._requests_counter(method, f"{status // 100}xx" if status else "error").inc()
+        self.duration.observe(time.perf_counter() - started)
+        self.bytes_in.inc(request.content.total_bytes)
+        self.bytes_out.inc(sent)
+        if failure is not None:
+            self.upstream_errors.labels(kind=failure).inc()
 
-    def count_sent(self, response: web.StreamResponse) -> None:
-        self.bytes_out.inc(response.body_length)
+    def malformed(self) -> None:
+        """A request the HTTP parser refused: counted, though no handler saw it."""
+        self._requests_counter("other", "4xx").inc()
 
 
 class AccessLogger(AbstractAccessLogger):
@@ -163,13 +154,11 @@ class AccessLogger(AbstractAccessLogger):
 
     def log(self, request: web.BaseRequest, response: web.StreamResponse, time: float) -> None:
         request_id = request.get(REQUEST_ID, "-")
-        metrics = request.app.get(METRICS) if isinstance(request, web.Request) else None
-        if metrics is not None:
-            metrics.count_sent(response)
+        method, path = ("-", "-") if request.get(MALFORMED) else (request.method, loggable(request.path))
         fields = {
             "client": request.remote,
-            "method": request.method,
-            "path": request.path,
+            "method": method,
+            "path": path,
             "status": response.status,
             "bytes": response.body_length,
             "seconds": round(time, 4),
@@ -178,17 +167,14 @@ class AccessLogger(AbstractAccessLogger):
         self.logger.info(
             '%s "%s %s" %d %d %.3fs id=%s',
             request.remote,
-            request.method,
-            request.path,
+            method,
+            path,
             response.status,
             response.body_length,
             time,
             request_id,
             extra={"access": fields},
         )
-
-
-METRICS = web.AppKey("metrics", Metrics)
 
 
 class JsonFormatter(logging.Formatter):

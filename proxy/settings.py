@@ -7,6 +7,7 @@ environment or the config file, and everything downstream receives the frozen `S
 from __future__ import annotations
 
 import ipaddress
+import math
 import re
 import socket
 import tomllib
@@ -367,6 +368,6 @@ def _positive(raw: Mapping[str, Any], name: str, default: float) -> float:
         number = float(value)
     except (TypeError, ValueError) as exc:
         raise ConfigurationError(f"{flag}: expected a number, got {value!r}") from exc
-    if number <= 0:
+    if not math.isfinite(number) or number <= 0:
         raise ConfigurationError(f"{flag}: must be more than 0, got {value!r}")
     return number

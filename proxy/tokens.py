@@ -2,8 +2,9 @@
 
 Tokens are cached (cachetools, keyed by credential, scope and tenant) until shortly before they expire,
 refreshed by a background task before that, and fetched by exactly one in-flight acquisition however many
-callers arrive at once. Failures of the credential become `TokenUnavailable` and are retried with backoff
-instead of being retried by every request. Nothing here knows about HTTP.
+callers arrive at once. Failures of the credential, tokens that arrive already expired (a skewed clock)
+and tokens the service keeps refusing become errors that are retried with backoff, never in a loop and
+never by every request. Nothing here knows about HTTP.
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ from azure.core.credentials_async import AsyncSupportsTokenInfo
 from azure.core.exceptions import AzureError
 from cachetools import TLRUCache
 
-from .errors import TokenUnavailable
+from .errors import TokenRefused, TokenUnavailable
 
 logger = logging.getLogger("proxy.tokens")
 
@@ -41,6 +42,7 @@ class Token:
     value: str = field(repr=False)
     expires_on: float
     refresh_at: float
+    acquired_at: float = 0.0
 
     @property
     def claims(self) -> dict[str, Any]:
@@ -99,11 +101,18 @@ class TokenSource:
         self._cache: TLRUCache[CacheKey, Token] = TLRUCache(
             maxsize=4, ttu=lambda _key, token, _now: token.expires_on - expiry_margin, timer=clock
         )
+        self._expiry_margin = expiry_margin
         self._inflight: asyncio.Future[Token] | None = None
         self._last_error: TokenUnavailable | None = None
         self._failures = 0
         self._retry_at = 0.0
         self._refresher: asyncio.Task[None] | None = None
+        # Refusals by the service (401) since it last accepted a token; while `_refused_until` lies ahead,
+        # the refused token is kept and no new one is fetched.
+        self._refusals = 0
+        self._refused_at = 0.0
+        self._refused_until = 0.0
+        self._refusal: TokenRefused | None = None
 
     @property
     def current(self) -> Token | None:
@@ -113,6 +122,11 @@ class TokenSource:
     @property
     def last_error(self) -> TokenUnavailable | None:
         return self._last_error
+
+    @property
+    def refusal(self) -> TokenRefused | None:
+        """Why the service refuses the tokens it is given, while it keeps doing so."""
+        return self._refusal
 
     async def get(self) -> str:
         """A valid token; raises TokenUnavailable when the credential cannot give one."""
@@ -124,14 +138,50 @@ class TokenSource:
             raise self._last_error
         return (await self._acquire()).value
 
+    def refused(self, value: str, reason: str = "") -> bool:
+        """The service answered 401 to `value`: whether a request should be retried with a fresh token.
+
+        The first refusal drops the token (it may have been revoked). A token fetched after that refusal
+        and refused again means the service refuses every token (wrong audience, no role): it is kept and
+        no new one is fetched for a backoff window (10 s doubling to `max_backoff`), so requests get the
+        401 at once instead of each running `az`.
+        """
+        token = self._cache.get(self._key)
+        if token is None or token.value != value:
+            return True  # a newer token is already held or on its way
+        now = self._clock()
+        if now < self._refused_until:
+            return False
+        self._refusals += 1
+        if self._refusals > 1 and token.acquired_at >= self._refused_at:
+            delay = min(self._max_backoff, self._min_refresh_interval * 2.0 ** (self._refusals - 2))
+            self._refused_at, self._refused_until = now, now + delay
+            self._refusal = TokenRefused(
+                f"the DICOM service refuses the tokens of the {self._credential_name} credential for "
+                f"{describe_identity(token.claims)} ({reason or '401 Unauthorized'})"
+            )
+            logger.error(
+                "%s; not fetching another for %.0fs. Hint: %s", self._refusal.detail, delay, self._refusal.hint
+            )
+            return False
+        self._refused_at = now
+        del self._cache[self._key]
+        self._retry_at = 0.0
+        return True
+
+    def accepted(self) -> None:
+        """The service accepted a token: any refusal is over."""
+        if self._refusals:
+            self._refusals, self._refused_until, self._refusal = 0, 0.0, None
+
     def invalidate(self, value: str) -> None:
-        """Forget `value` after the upstream refused it; a newer token fetched meanwhile is kept."""
+        """Forget `value` whatever the service thinks of it; a newer token fetched meanwhile is kept."""
         token = self._cache.get(self._key)
         if token is not None and token.value == value:
             del self._cache[self._key]
             self._retry_at = 0.0
 
-    async def start(self) -> None:
+    def start(self) -> None:
         """Begin the first acquisition and the refresh loop; never raises, so start-up survives a dead az."""
         if self._refresher is None:
             self._refresher = asyncio.create_task(self._refresh_forever(), name="token-refresh")
@@ -165,12 +215,21 @@ class TokenSource:
             info = await self._credential.get_token_info(self._scope, options=options)
         except AzureError as exc:
             raise self._failed(_first_line(exc.message or str(exc)), started) from exc
-        except (OSError, ValueError) as exc:
-            raise self._failed(f"{type(exc).__name__}: {exc}", started) from exc
+        except Exception as exc:  # noqa: BLE001 - any failure must back off, never end the refresher
+            raise self._failed(f"{type(exc).__name__}: {_first_line(str(exc))}", started) from exc
         now = self._clock()
+        if info.expires_on - now <= self._expiry_margin:
+            # Using it would fail at once and fetching again at once would loop: a failure with backoff.
+            raise self._failed(
+                f"the token it handed out {'expired' if info.expires_on <= now else 'expires'} at "
+                f"{expiry_text(info.expires_on)} (exp {int(info.expires_on)}), but the local time is "
+                f"{expiry_text(now)}: this machine's clock may be wrong",
+                started,
+                hint="Check this machine's clock (date, timedatectl, NTP); if it is right, run 'az login' again.",
+            )
         self._report("ok", now - started)
         refresh_at = info.refresh_on or info.expires_on - self._refresh_margin
-        token = Token(info.token, info.expires_on, max(refresh_at, now + self._min_refresh_interval))
+        token = Token(info.token, info.expires_on, max(refresh_at, now + self._min_refresh_interval), now)
         self._cache[self._key] = token
         self._failures, self._last_error = 0, None
         logger.info(
@@ -187,12 +246,12 @@ class TokenSource:
         if self._on_acquisition is not None:
             self._on_acquisition(result, seconds)
 
-    def _failed(self, reason: str, started: float) -> TokenUnavailable:
+    def _failed(self, reason: str, started: float, hint: str | None = None) -> TokenUnavailable:
         self._report("error", self._clock() - started)
         self._failures += 1
         delay = min(self._max_backoff, 2.0 ** (self._failures - 1))
         self._retry_at = self._clock() + delay
-        error = TokenUnavailable(f"no token from the {self._credential_name} credential: {reason}")
+        error = TokenUnavailable(f"no token from the {self._credential_name} credential: {reason}", hint=hint)
         self._last_error = error
         logger.error("%s; retrying in %.0fs. Hint: %s", error.detail, delay, error.hint)
         return error
@@ -202,8 +261,13 @@ class TokenSource:
             token = self._cache.get(self._key)
             wake_at = max(token.refresh_at if token else 0.0, self._retry_at)
             await asyncio.sleep(max(0.0, wake_at - self._clock()))
-            with contextlib.suppress(TokenUnavailable):
+            try:
                 await self._acquire()
+            except TokenUnavailable:
+                pass  # logged by _failed, which also set the backoff
+            except Exception:  # noqa: BLE001 - a refresher that dies leaves the proxy without tokens
+                logger.exception("the token refresher failed; retrying in %.0fs", self._max_backoff)
+                self._retry_at = self._clock() + self._max_backoff
 
 
 def _first_line(message: str) -> str:
