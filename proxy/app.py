@@ -154,6 +154,9 @@ class Proxy:
                 error.detail,
             )
             answer = error_response(error)
+            if not request.content.is_eof():
+                # A refused or stalled upload is not read to its end only to keep the connection.
+                answer.force_close()
         if not answer.prepared:
             self.decorate(request, answer.headers)
         return answer
@@ -249,7 +252,9 @@ class _Connection(web.RequestHandler):
             )
             return
         self._silence_timer = None
-        if self.transport is not None:
+        # A connection that has had an answer (and may be reading the rest of a refused upload) just
+        # closes; one that never completed a request is told why.
+        if self.transport is not None and self._request_count == 0:
             body = json.dumps(
                 {
                     "error": "request_timeout",

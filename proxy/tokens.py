@@ -42,7 +42,8 @@ class Token:
     value: str = field(repr=False)
     expires_on: float
     refresh_at: float
-    acquired_at: float = 0.0
+    # Acquisitions are numbered, so a refusal can tell a token fetched after an earlier refusal.
+    serial: int = 0
 
     @property
     def claims(self) -> dict[str, Any]:
@@ -107,10 +108,11 @@ class TokenSource:
         self._failures = 0
         self._retry_at = 0.0
         self._refresher: asyncio.Task[None] | None = None
-        # Refusals by the service (401) since it last accepted a token; while `_refused_until` lies ahead,
-        # the refused token is kept and no new one is fetched.
-        self._refusals = 0
-        self._refused_at = 0.0
+        self._serial = 0
+        # Refusals by the service (401) since it last accepted a token: the serial of the last token
+        # refused (0: none), how many backoffs followed, and until when the refused token is kept.
+        self._refused_serial = 0
+        self._backoffs = 0
         self._refused_until = 0.0
         self._refusal: TokenRefused | None = None
 
@@ -152,27 +154,25 @@ class TokenSource:
         now = self._clock()
         if now < self._refused_until:
             return False
-        self._refusals += 1
-        if self._refusals > 1 and token.acquired_at >= self._refused_at:
-            delay = min(self._max_backoff, self._min_refresh_interval * 2.0 ** (self._refusals - 2))
-            self._refused_at, self._refused_until = now, now + delay
-            self._refusal = TokenRefused(
+        previous, self._refused_serial = self._refused_serial, token.serial
+        if previous and token.serial > previous:
+            self._backoffs += 1
+            delay = min(self._max_backoff, self._min_refresh_interval * 2.0 ** (self._backoffs - 1))
+            self._refused_until = now + delay
+            self._refusal = refusal = TokenRefused(
                 f"the DICOM service refuses the tokens of the {self._credential_name} credential for "
                 f"{describe_identity(token.claims)} ({reason or '401 Unauthorized'})"
             )
-            logger.error(
-                "%s; not fetching another for %.0fs. Hint: %s", self._refusal.detail, delay, self._refusal.hint
-            )
+            logger.error("%s; not fetching another for %.0fs. Hint: %s", refusal.detail, delay, refusal.hint)
             return False
-        self._refused_at = now
         del self._cache[self._key]
         self._retry_at = 0.0
         return True
 
     def accepted(self) -> None:
         """The service accepted a token: any refusal is over."""
-        if self._refusals:
-            self._refusals, self._refused_until, self._refusal = 0, 0.0, None
+        if self._refused_serial:
+            self._refused_serial, self._backoffs, self._refused_until, self._refusal = 0, 0, 0.0, None
 
     def invalidate(self, value: str) -> None:
         """Forget `value` whatever the service thinks of it; a newer token fetched meanwhile is kept."""
@@ -229,7 +229,8 @@ class TokenSource:
             )
         self._report("ok", now - started)
         refresh_at = info.refresh_on or info.expires_on - self._refresh_margin
-        token = Token(info.token, info.expires_on, max(refresh_at, now + self._min_refresh_interval), now)
+        self._serial += 1
+        token = Token(info.token, info.expires_on, max(refresh_at, now + self._min_refresh_interval), self._serial)
         self._cache[self._key] = token
         self._failures, self._last_error = 0, None
         logger.info(

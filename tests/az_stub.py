@@ -1,7 +1,8 @@
 """A stand-in for the Azure CLI, put first on PATH by the tests as an executable named `az`.
 
 It answers `az account get-access-token --output json --resource R [--tenant T]` the way the real CLI
-does, driven by state.json beside it, and appends each call to calls.log so tests can count them.
+does, driven by state.json beside it, and appends each call to calls.log (and its pid to pids.log) so
+tests can count them and find any left running.
 state.json keys: mode (ok | logged_out | fail | garbage | hang), delay (seconds), lifetime (seconds),
 audience (overrides the resource in the token's aud claim), tenant, token (hand out exactly this token).
 """
@@ -23,6 +24,8 @@ def b64(data: bytes) -> str:
 def main() -> int:
     with open(os.path.join(HERE, "state.json")) as handle:
         state = json.load(handle)
+    with open(os.path.join(HERE, "pids.log"), "a") as handle:
+        handle.write(f"{os.getpid()}\n")
     with open(os.path.join(HERE, "calls.log"), "a") as handle:
         handle.write(json.dumps(sys.argv[1:]) + "\n")
     time.sleep(state.get("delay", 0))

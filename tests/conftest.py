@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -60,6 +61,7 @@ class AzStub:
         script.write_text(f"#!{interpreter}\n" + (HERE / "az_stub.py").read_text())
         script.chmod(0o755)
         (directory / "calls.log").touch()
+        (directory / "pids.log").touch()
         (directory / "issued.log").touch()
         self.configure()
 
@@ -78,6 +80,23 @@ class AzStub:
 
     def issued_tokens(self) -> list[str]:
         return (self.directory / "issued.log").read_text().splitlines()
+
+    def running(self) -> list[int]:
+        """Pids of stand-in runs still alive (zombies count as ended)."""
+        alive = []
+        for line in (self.directory / "pids.log").read_text().splitlines():
+            try:
+                state = Path(f"/proc/{line}/stat").read_text().rpartition(")")[2].split()[0]
+            except (OSError, IndexError):
+                continue
+            if state != "Z":
+                alive.append(int(line))
+        return alive
+
+    def stop_leftovers(self) -> None:
+        for pid in self.running():
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
 
 
 class ProxyProcess:
@@ -143,8 +162,10 @@ def ca_bundle(certificate_authority: trustme.CA, tmp_path_factory: pytest.TempPa
 
 
 @pytest.fixture
-def az(tmp_path: Path) -> AzStub:
-    return AzStub(tmp_path / "az-bin")
+def az(tmp_path: Path) -> Iterator[AzStub]:
+    stub = AzStub(tmp_path / "az-bin")
+    yield stub
+    stub.stop_leftovers()  # a test that failed midway must not leave a hanging `az` behind
 
 
 @pytest.fixture

@@ -297,3 +297,72 @@ async def test_https_proxy_from_the_environment_is_used(start_proxy, upstream, p
         for writer in writers:
             writer.close()
     assert tunnels == [f"CONNECT 127.0.0.1:{upstream.port} HTTP/1.1".encode()]
+
+
+# Stalled clients and odd answers (issue 10) ------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "request_bytes",
+    [
+        b"POST /echo/small HTTP/1.1\r\nHost: localhost\r\nContent-Length: 100\r\n\r\nabc",
+        b"POST /echo/large HTTP/1.1\r\nHost: localhost\r\nContent-Length: 5000000\r\n\r\nabc",
+        b"POST /echo/chunked HTTP/1.1\r\nHost: localhost\r\nTransfer-Encoding: chunked\r\n\r\n3\r\nabc\r\n",
+        b"GET /echo/headers HTTP/1.1\r\nHost: local",
+        b"",
+    ],
+    ids=["small-body", "large-body", "chunked-body", "half-headers", "nothing"],
+)
+def test_a_client_that_goes_silent_is_cut_after_the_read_timeout(start_proxy, upstream, request_bytes):
+    import socket
+    import time
+
+    proxy = start_proxy("--read-timeout", "2")
+    started = time.monotonic()
+    with socket.create_connection(("127.0.0.1", proxy.port), timeout=15) as sock:
+        sock.sendall(request_bytes)
+        answer = b""
+        while chunk := sock.recv(65536):
+            answer += chunk
+    waited = time.monotonic() - started
+    assert 1.5 < waited < 10, waited
+    assert answer.startswith(b"HTTP/1.1 408"), answer
+    assert json.loads(answer.partition(b"\r\n\r\n")[2])["error"] == "request_timeout"
+    assert get(proxy.url, "/echo/after")[0].status == 200
+
+
+def test_many_stalled_uploads_are_all_cut_and_memory_comes_back(start_proxy, upstream):
+    import socket
+
+    proxy = start_proxy("--read-timeout", "2")
+    head = b"POST /echo/stalled HTTP/1.1\r\nHost: localhost\r\nContent-Length: 5000000\r\n\r\n"
+    sockets = [socket.create_connection(("127.0.0.1", proxy.port), timeout=15) for _ in range(100)]
+    try:
+        for sock in sockets:
+            sock.sendall(head + b"x" * 65536)
+        for sock in sockets:
+            answer = b""
+            while chunk := sock.recv(65536):
+                answer += chunk
+            assert answer.startswith(b"HTTP/1.1 408"), answer[:100]
+    finally:
+        for sock in sockets:
+            sock.close()
+    assert get(proxy.url, "/echo/after")[0].status == 200
+    assert proxy.peak_rss_mib() < 200
+
+
+def test_an_upstream_101_is_refused_cleanly(start_proxy, upstream):
+    proxy = start_proxy()
+    response, body = get(proxy.url, "/switch")
+    assert response.status == 502
+    assert json.loads(body)["error"] == "upstream_unreachable"
+    assert "101" in json.loads(body)["detail"]
+    assert get(proxy.url, "/echo/after")[0].status == 200
+
+
+def test_a_path_with_an_encoded_newline_is_forwarded_not_refused(start_proxy, upstream):
+    proxy = start_proxy()
+    response, body = get(proxy.url, "/echo/a%0Ab")
+    assert response.status == 200
+    assert json.loads(body)["raw_path"] == "/echo/a%0Ab"

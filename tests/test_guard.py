@@ -284,3 +284,134 @@ def policy_proxy(start_proxy, key_file):  # noqa: ANN201
     return start_proxy(
         "--read-only", "--access-key-file", str(key_file), "--allow-host", "dicom-proxy", "--cors-origin", VIEWER
     )
+
+
+# Browsers and the local network (issue 10) -------------------------------------------------------------
+
+
+def test_a_cross_site_page_cannot_make_the_proxy_fetch(start_proxy, upstream):
+    proxy = start_proxy("--cors-origin", "https://viewer.example.org")
+    url = f"{proxy.url}/echo/v2/studies"
+    # What <img src=...> or <script src=...> on a hostile page sends: no Origin, Sec-Fetch-Site cross-site.
+    refused = requests.get(url, headers={"Sec-Fetch-Site": "cross-site", "Sec-Fetch-Dest": "image"}, timeout=10)
+    assert refused.status_code == 403
+    assert refused.json()["error"] == "forbidden"
+    unlisted = requests.get(url, headers={"Sec-Fetch-Site": "cross-site", "Origin": "https://evil.example"}, timeout=10)
+    assert unlisted.status_code == 403
+    assert upstream.seen == []
+    for site in ("same-site", "same-origin", "none"):
+        assert requests.get(url, headers={"Sec-Fetch-Site": site}, timeout=10).status_code == 200
+    listed = requests.get(
+        url, headers={"Sec-Fetch-Site": "cross-site", "Origin": "https://viewer.example.org"}, timeout=10
+    )
+    assert listed.status_code == 200
+    assert listed.headers["Access-Control-Allow-Origin"] == "https://viewer.example.org"
+
+
+def test_private_network_access_is_granted_to_listed_origins_only(start_proxy, upstream):
+    proxy = start_proxy("--cors-origin", "https://viewer.example.org")
+
+    def preflight(origin: str) -> requests.Response:
+        headers = {
+            "Origin": origin,
+            "Access-Control-Request-Method": "GET",
+            "Access-Control-Request-Private-Network": "true",
+        }
+        return requests.options(f"{proxy.url}/echo/v2/studies", headers=headers, timeout=10)
+
+    listed = preflight("https://viewer.example.org")
+    assert listed.status_code == 204
+    assert listed.headers["Access-Control-Allow-Private-Network"] == "true"
+    unlisted = preflight("https://evil.example")
+    assert "Access-Control-Allow-Private-Network" not in unlisted.headers
+    assert "Access-Control-Allow-Origin" not in unlisted.headers
+
+
+def read_head(sock) -> bytes:  # noqa: ANN001
+    """Bytes up to the end of the first response head."""
+    head = b""
+    while b"\r\n\r\n" not in head:
+        chunk = sock.recv(4096)
+        if not chunk:
+            break
+        head += chunk
+    return head
+
+
+@pytest.mark.parametrize(
+    ("extra", "expected"),
+    [
+        (b"", b"HTTP/1.1 401"),
+        (b"Host: evil.example\r\n", b"HTTP/1.1 421"),
+        (b"Origin: https://evil.example\r\n", b"HTTP/1.1 403"),
+    ],
+    ids=["no-key", "wrong-host", "unlisted-origin"],
+)
+def test_100_continue_comes_only_after_the_checks(start_proxy, upstream, key_file, extra, expected):
+    import socket
+
+    proxy = start_proxy("--access-key-file", str(key_file))
+    host = b"" if b"Host:" in extra else b"Host: localhost\r\n"
+    head = (
+        b"POST /echo/upload HTTP/1.1\r\n" + host + extra + b"Content-Length: 50000000\r\nExpect: 100-continue\r\n\r\n"
+    )
+    with socket.create_connection(("127.0.0.1", proxy.port), timeout=10) as sock:
+        sock.sendall(head)
+        answer = read_head(sock)
+    assert status_line(answer).startswith(expected), answer
+    assert upstream.seen == []
+
+    with socket.create_connection(("127.0.0.1", proxy.port), timeout=10) as sock:
+        sock.sendall(head.replace(b"Expect:", b"X-Dicom-Proxy-Key: " + KEY.encode() + b"\r\nExpect:"))
+        answer = read_head(sock)
+    if expected == b"HTTP/1.1 401":  # with the key, the body is invited
+        assert status_line(answer) == b"HTTP/1.1 100 Continue"
+
+
+def test_an_unknown_expectation_gets_417_json(start_proxy, upstream):
+    proxy = start_proxy()
+    answer = raw_exchange(
+        proxy.port,
+        b"POST /echo/x HTTP/1.1\r\nHost: localhost\r\nExpect: teapot\r\nContent-Length: 2\r\n"
+        b"Connection: close\r\n\r\nhi",
+    )
+    assert status_line(answer) == b"HTTP/1.1 417 Expectation Failed"
+    assert json.loads(answer.split(b"\r\n\r\n", 1)[1])["error"] == "expectation_failed"
+    assert upstream.seen == []
+
+
+@pytest.mark.parametrize(
+    ("host", "allowed"),
+    [("localhost:8080", True), ("10.1.2.3:8080", True), ("[fd00::1]:8080", True), ("rebound.example", False)],
+)
+def test_probes_answer_loopback_names_and_addresses_but_no_other_dns_name(start_proxy, upstream, host, allowed):
+    proxy = start_proxy()
+    for probe in ("/-/health", "/-/ready"):
+        response = requests.get(f"{proxy.url}{probe}", headers={"Host": host}, timeout=10)
+        if allowed:
+            assert response.status_code in (200, 503), (probe, response.status_code)
+        else:
+            assert response.status_code == 421
+            assert response.json()["error"] == "host_not_allowed"
+
+
+def test_a_non_utf8_access_key_is_a_wrong_key(start_proxy, upstream, key_file):
+    proxy = start_proxy("--access-key-file", str(key_file))
+    answer = raw_exchange(
+        proxy.port,
+        b"GET /echo/x HTTP/1.1\r\nHost: localhost\r\nX-Dicom-Proxy-Key: \xff\xfe\xfd\r\nConnection: close\r\n\r\n",
+    )
+    assert status_line(answer) == b"HTTP/1.1 401 Unauthorized"
+    assert json.loads(answer.split(b"\r\n\r\n", 1)[1])["error"] == "access_key_required"
+    assert upstream.seen == []
+
+
+def test_two_origin_headers_are_refused(start_proxy, upstream):
+    proxy = start_proxy("--cors-origin", "https://viewer.example.org")
+    answer = raw_exchange(
+        proxy.port,
+        b"GET /echo/x HTTP/1.1\r\nHost: localhost\r\nOrigin: https://viewer.example.org\r\n"
+        b"Origin: https://evil.example\r\nConnection: close\r\n\r\n",
+    )
+    assert status_line(answer) == b"HTTP/1.1 400 Bad Request"
+    assert upstream.seen == []

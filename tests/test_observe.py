@@ -6,12 +6,13 @@ import json
 import re
 import signal
 import threading
+from pathlib import Path
 
 import pytest
 import requests
 from prometheus_client.parser import text_string_to_metric_families
 
-from .conftest import wait_for
+from .conftest import raw_exchange, wait_for
 
 
 def samples(text: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
@@ -160,3 +161,61 @@ def test_the_grace_period_bounds_the_wait(start_proxy, upstream):
     assert proxy.process.wait(20) == 0
     slow.join(30)
     assert failures, "the request cut by shutdown must fail, not succeed"
+
+
+# Logs are safe to share (issue 10) ---------------------------------------------------------------------
+
+KEY = "k3y-for-the-log-tests-0123456789"
+MALFORMED = [
+    b"GET /v2/studies?PatientName=M\xc3\xbcller HTTP/1.1\r\nHost: localhost\r\n\r\n",
+    b"GET /v2/studies HTTP/1.1\r\nHost: localhost\r\nX-Dicom-Proxy-Key: " + KEY.encode() + b"\x00\r\n\r\n",
+    b"GET /v2/studies HTTP/1.1\r\nHost: localhost\r\nX-Dicom-Proxy-Key: " + KEY.encode() + b"\nX-A: b\r\n\r\n",
+    b"GET /v2/studies?PatientName=DOE^JOHN HTTP/1.1\r\nHost: localhost\r\nBad Header Doe\r\n\r\n",
+]
+
+
+@pytest.mark.parametrize("log_format", ["text", "json"])
+def test_malformed_requests_get_json_and_leave_no_client_bytes_in_the_log(start_proxy, upstream, tmp_path, log_format):
+    key_file = tmp_path / "key"
+    key_file.write_text(KEY)
+    proxy = start_proxy("--access-key-file", str(key_file), "--log-format", log_format)
+    for request_bytes in MALFORMED * 25:
+        answer = raw_exchange(proxy.port, request_bytes)
+        head, _, body = answer.partition(b"\r\n\r\n")
+        assert b" 400 " in head.split(b"\r\n")[0], answer
+        assert b"Content-Type: application/json" in head
+        assert json.loads(body)["error"] == "bad_request"
+        for secret in (b"ller", KEY.encode(), b"DOE", b"Doe"):
+            assert secret not in answer
+    assert requests.get(f"{proxy.url}/-/health", timeout=10).status_code == 200
+    proxy.stop()
+    log = proxy.output()
+    for secret in ("ller", KEY, "DOE", "Doe", "X-A"):
+        assert secret not in log
+    assert "Traceback" not in log
+    assert "AssertionError" not in log
+    lines = log.splitlines()
+    assert len(lines) <= 100 + 10, "about one access line per refused request"
+    refused = [line for line in lines if '"- -" 400' in line or ('"status": 400' in line and '"method": "-"' in line)]
+    assert len(refused) == 100
+
+
+def test_logged_paths_cannot_forge_lines_or_carry_terminal_escapes(start_proxy, upstream):
+    proxy = start_proxy()
+    forged = "2026-11-26 00:00:00,000 INFO aiohttp.access: FORGED"
+    path = "/echo/x%0a" + forged.replace(" ", "%20") + "%1b[31m%0d%07"
+    answer = raw_exchange(proxy.port, f"GET {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n".encode())
+    assert answer.startswith(b"HTTP/1.1 200")
+    proxy.stop()
+    log = proxy.output()
+    assert not any(line.startswith(forged) for line in log.splitlines())
+    assert "\x1b" not in log and "\x07" not in log and "\r" not in log
+    assert "/echo/x\\x0a2026-11-26" in log
+    assert upstream.seen[0].raw_path == path, "the path itself is forwarded as it came"
+
+
+def test_the_open_files_limit_is_raised_to_the_hard_limit(start_proxy, upstream):
+    proxy = start_proxy()
+    limits = Path(f"/proc/{proxy.process.pid}/limits").read_text()
+    soft, hard = next(line for line in limits.splitlines() if line.startswith("Max open files")).split()[3:5]
+    assert soft == hard

@@ -163,3 +163,38 @@ def test_python_dash_m_and_the_console_script_agree():
     assert result.returncode == 2
     assert result.stderr.startswith("dicom-auth-proxy: error: --upstream")
     assert "Traceback" not in result.stderr
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["--read-timeout", "nan"], "--read-timeout: must be more than 0, got nan"),
+        (["--connect-timeout", "nan"], "--connect-timeout: must be more than 0"),
+        (["--shutdown-grace", "inf"], "--shutdown-grace: must be more than 0"),
+        (["--rewrite-limit", "nan"], "--rewrite-limit: must be more than 0"),
+    ],
+)
+def test_numbers_that_are_not_finite_are_refused_in_one_line(argv, message, capsys):
+    assert main(["serve", "--upstream", "https://ws.example", *argv]) == 2
+    error = capsys.readouterr().err
+    assert error.startswith(f"dicom-auth-proxy: error: {message}")
+    assert error.count("\n") == 1
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["--credential", "foo"], "argument --credential: invalid choice: 'foo'"),
+        (["--log-format", "xml"], "argument --log-format: invalid choice: 'xml'"),
+        (["--workers", "abc"], "argument --workers: invalid int value: 'abc'"),
+        (["--no-such-flag"], "unrecognized arguments: --no-such-flag"),
+    ],
+)
+def test_argparse_errors_are_one_line_too(argv, message, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["serve", "--upstream", "https://ws.example", *argv])
+    assert exit_info.value.code == 2
+    error = capsys.readouterr().err
+    assert error.startswith("dicom-auth-proxy")
+    assert message in error
+    assert error.count("\n") == 1, error

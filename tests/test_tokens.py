@@ -206,3 +206,137 @@ async def test_ready_reports_the_expiry_of_a_held_token(start_proxy, az, upstrea
     from datetime import UTC, datetime
 
     assert answer["token_expires_at"] == datetime.fromtimestamp(expires, UTC).isoformat(timespec="seconds")
+
+
+# Faults never become storms (issue 10) -----------------------------------------------------------------
+
+
+@pytest.mark.parametrize("lifetime", [-100, 20], ids=["already-expired", "inside-the-expiry-margin"])
+def test_a_token_that_arrives_expired_backs_off_and_blames_the_clock(start_proxy, az, upstream, lifetime):
+    import time
+
+    import requests
+
+    az.configure(lifetime=lifetime)
+    proxy = start_proxy()
+    wait_for(lambda: az.calls >= 2, what="a retry after the expired token")
+    # Backoff 1 s doubling: within the next 3 s at most two more runs (the storm was about 60).
+    before = az.calls
+    time.sleep(3)
+    assert az.calls - before <= 2
+    ready = requests.get(f"{proxy.url}/-/ready", timeout=10)
+    assert ready.status_code == 503
+    assert "clock may be wrong" in ready.json()["detail"]
+    assert "local time is" in ready.json()["detail"]
+    assert "clock" in ready.json()["hint"]
+    assert requests.get(f"{proxy.url}/echo/x", timeout=10).status_code == 503
+    assert upstream.seen == []
+    assert "this machine's clock may be wrong" in proxy.output()
+    assert "token acquired" not in proxy.output()
+
+
+def test_a_short_lived_token_is_used_and_not_refreshed_in_a_loop(start_proxy, az, upstream):
+    import time
+
+    import requests
+
+    az.configure(lifetime=45)  # past the 30 s expiry margin, well inside the 300 s refresh margin
+    proxy = start_proxy()
+    wait_for(lambda: az.calls == 1 and "token acquired" in proxy.output(), what="the first token")
+    assert requests.get(f"{proxy.url}/echo/x", timeout=10).status_code == 200
+    time.sleep(3)
+    assert az.calls == 1, "refreshed sooner than min_refresh_interval (10 s)"
+
+
+async def test_a_service_that_refuses_every_token_costs_two_az_runs_not_one_per_request(start_proxy, az, upstream):
+    az.configure(audience="https://management.azure.com")  # what a wrong --audience gives
+    proxy = start_proxy()
+    async with aiohttp.ClientSession() as client:
+        for number in range(10):
+            async with client.get(f"{proxy.url}/echo/{number}") as response:
+                assert response.status == 401
+                assert "audience" in response.headers["WWW-Authenticate"]
+        async with client.get(f"{proxy.url}/-/ready") as response:
+            assert response.status == 503
+            answer = await response.json()
+    assert az.calls == 2  # the start-up token, and one fresh token after its first refusal
+    assert answer["error"] == "token_refused"
+    assert "audience" in answer["detail"]
+    assert "--audience" in answer["hint"]
+    assert "refuses the tokens" in proxy.output()
+
+
+class FakeCredential:
+    """A credential that answers from a script: a token, or an exception to raise."""
+
+    def __init__(self, *answers: object, clock) -> None:  # noqa: ANN001
+        self.answers = list(answers)
+        self.calls = 0
+        self.clock = clock
+
+    async def get_token_info(self, *scopes: str, options: object = None) -> object:
+        from azure.core.credentials import AccessTokenInfo
+
+        self.calls += 1
+        answer = self.answers.pop(0) if len(self.answers) > 1 else self.answers[0]
+        if isinstance(answer, BaseException):
+            raise answer
+        return AccessTokenInfo(f"token-{self.calls}", int(self.clock() + float(answer)))
+
+    async def close(self) -> None:
+        pass
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 1_000_000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+async def test_refusals_back_off_and_end_when_the_service_accepts_a_token():
+    clock = Clock()
+    credential = FakeCredential(3600, clock=clock)
+    source = TokenSource(credential, SCOPE, clock=clock)
+    first = await source.get()
+    assert source.refused(first, "401: audience") is True  # maybe revoked: try a fresh one
+    second = await source.get()
+    assert source.refused(second, "401: audience") is False  # refused again: back off
+    assert source.refusal is not None and "audience" in source.refusal.detail
+    assert await source.get() == second and credential.calls == 2
+    clock.now += 5
+    assert source.refused(second) is False  # still inside the 10 s window
+    clock.now += 6
+    assert source.refused(second) is True  # the window is over: one fresh try
+    third = await source.get()
+    assert credential.calls == 3
+    assert source.refused(third) is False
+    clock.now += 15
+    assert source.refused(third) is False, "the second window doubles to 20 s"
+    source.accepted()
+    assert source.refusal is None
+    assert source.refused(third) is True
+
+
+async def test_an_unexpected_credential_error_is_logged_and_the_refresher_keeps_going(caplog):
+    credential = FakeCredential(RuntimeError("surprise"), 3600, clock=__import__("time").time)
+    source = TokenSource(credential, SCOPE)
+    source.start()
+    try:
+        deadline = asyncio.get_running_loop().time() + 10
+        while source.current is None:
+            assert asyncio.get_running_loop().time() < deadline, "the refresher died"
+            await asyncio.sleep(0.05)
+    finally:
+        await source.close()
+    assert credential.calls == 2
+    assert "RuntimeError: surprise" in caplog.text
+
+
+def test_az_is_stopped_when_the_proxy_stops(start_proxy, az, upstream):
+    az.configure(mode="hang")
+    proxy = start_proxy()
+    wait_for(lambda: az.running(), what="the start-up az run")
+    assert proxy.stop() == 0
+    wait_for(lambda: az.running() == [], timeout=5, what="az to be stopped with the proxy")

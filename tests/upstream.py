@@ -95,7 +95,7 @@ class Upstream:
 
     async def _start(self) -> None:
         app = web.Application(middlewares=[self._record, self._authorize])
-        app.router.add_route("*", "/echo{tail:.*}", self._echo)
+        app.router.add_route("*", r"/echo{tail:[\s\S]*}", self._echo)
         app.router.add_get("/v2/studies", self._studies)
         app.router.add_post("/{version:v[12]}/studies", self._stow)
         app.router.add_post("/v2/partitions/{partition}/studies", self._stow)
@@ -114,6 +114,7 @@ class Upstream:
         app.router.add_get("/gzip", self._gzip)
         app.router.add_get("/redirect", self._redirect)
         app.router.add_get("/hop-by-hop", self._hop_by_hop)
+        app.router.add_get("/switch", self._switch)
         app.router.add_get("/conditional", self._conditional)
         app.router.add_get("/range", self._range)
         self._runner = web.AppRunner(app, handler_cancellation=True, access_log=None)
@@ -325,6 +326,9 @@ class Upstream:
                 "X-End-To-End": "passes",
             },
         )
+
+    async def _switch(self, request: web.Request) -> web.Response:
+        return web.Response(status=101, headers={"Upgrade": "websocket", "Connection": "Upgrade"})
 
     async def _conditional(self, request: web.Request) -> web.Response:
         etag = '"v1"'
