@@ -1,11 +1,13 @@
-"""Benchmark: dicom-auth-proxy against a direct connection and nginx as a static-token proxy, side by side.
+"""Benchmark: dicom-auth-proxy against a direct connection, nginx and a bare aiohttp forwarder, side by side.
 
     python bench/run.py [--seconds 10] [--workers 1] [--json bench/results/latest.json]
 
-Starts on loopback: nginx as a fast upstream (a 2 KB JSON file, a 1 GiB file, an upload sink), nginx as
-a static-token proxy in front of it (the baseline), and dicom-auth-proxy with its defaults and the `az`
-stand-in from tests/. Load comes from wrk and curl (Debian packages wrk, nginx, curl). Prints a table and
-writes JSON; it is not part of the test suite and asserts nothing, it reports the targets met or missed.
+Starts on loopback: nginx as a fast upstream (a 2 KB DICOM JSON file, a 10 MB series metadata file full of
+the upstream's own URLs, a 1 GiB file, an upload sink), nginx as a static-token proxy in front of it, the
+bare forwarder (bench/bare_forwarder.py: the Python peer with no features) and dicom-auth-proxy with its
+defaults and the `az` stand-in from tests/. Load comes from wrk and curl (Debian packages wrk, nginx,
+curl). Prints a table and writes JSON; it is not part of the test suite and asserts nothing, it reports
+the targets met or missed.
 """
 
 from __future__ import annotations
@@ -26,7 +28,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-NAMES = ("direct", "nginx", "proxy")
+NAMES = ("direct", "nginx", "bare", "proxy")
 GiB = 1024**3
 MiB = 1024**2
 
@@ -72,7 +74,7 @@ UPSTREAM = """
         listen 127.0.0.1:{port};
         root {home}/files;
         location = /sink {{ client_max_body_size 0; return 204; }}
-        location / {{ default_type application/json; }}
+        types {{ application/dicom+json json; application/octet-stream bin; }}
     }}
 """
 
@@ -130,8 +132,14 @@ class Bench:
             for _ in range(512):
                 handle.write(block)
 
-        upstream, baseline, proxy = free_port(), free_port(), free_port()
+        upstream, baseline, bare, proxy = free_port(), free_port(), free_port(), free_port()
+        _write_metadata(files / "metadata.json", f"http://127.0.0.1:{upstream}", 10 * MiB)
         self.start_nginx("upstream", UPSTREAM.format(port=upstream, home=self.home))
+        self.processes.append(
+            subprocess.Popen(
+                [sys.executable, str(ROOT / "bench" / "bare_forwarder.py"), f"http://127.0.0.1:{upstream}", str(bare)]
+            )
+        )
         self.start_nginx("baseline", BASELINE.format(port=baseline, upstream=upstream), self.workers)
 
         az = self.home / "az-bin"
@@ -149,7 +157,7 @@ class Bench:
             env=env, cwd=ROOT, stdout=self.proxy_log, stderr=subprocess.STDOUT,
         )  # fmt: skip
         self.processes.append(self.proxy)
-        for port in (upstream, baseline, proxy):
+        for port in (upstream, baseline, bare, proxy):
             wait_listening(port)
         # Warm-up: the first token, pooled connections.
         for _ in range(50):
@@ -157,6 +165,7 @@ class Bench:
         return {
             "direct": f"http://127.0.0.1:{upstream}",
             "nginx": f"http://127.0.0.1:{baseline}",
+            "bare": f"http://127.0.0.1:{bare}",
             "proxy": f"http://127.0.0.1:{proxy}",
         }
 
@@ -191,19 +200,22 @@ class Bench:
             speeds.append(float(speed))
         return max(speeds)
 
-    def upload(self, url: str) -> float:
-        result = subprocess.run(
-            ["curl", "-sf", "-o", "/dev/null", "-X", "POST", "-H", "Content-Type: application/dicom",
-             "-T", str(self.home / "upload.bin"), "-w", "%{speed_upload}", f"{url}/sink"],
-            capture_output=True, text=True, check=True,
-        )  # fmt: skip
-        return float(result.stdout)
+    def metadata_seconds(self, url: str) -> float:
+        """Best of five fetches of the 10 MB series metadata, in seconds."""
+        times = []
+        for _ in range(5):
+            result = subprocess.run(
+                ["curl", "-sf", "-o", "/dev/null", "-w", "%{time_total}", f"{url}/metadata.json"],
+                capture_output=True, text=True, check=True,
+            )  # fmt: skip
+            times.append(float(result.stdout))
+        return min(times)
 
-    def peak_rss_under_four_downloads(self, url: str) -> float:
-        """The proxy's peak resident memory (MiB, all its processes) while four 1 GiB downloads run at once."""
+    def peak_rss_under(self, url: str, count: int) -> float:
+        """The proxy's peak resident memory (MiB, all its processes) while `count` fetches of `url` run at once."""
         pid = self.proxy.pid
         peak = 0.0
-        downloads = [subprocess.Popen(["curl", "-sf", "-o", "/dev/null", f"{url}/big.bin"]) for _ in range(4)]
+        fetches = [subprocess.Popen(["curl", "-sf", "-o", "/dev/null", url]) for _ in range(count)]
         done = threading.Event()
 
         def sample() -> None:
@@ -215,11 +227,19 @@ class Bench:
 
         sampler = threading.Thread(target=sample)
         sampler.start()
-        codes = [download.wait() for download in downloads]
+        codes = [fetch.wait() for fetch in fetches]
         done.set()
         sampler.join()
-        assert codes == [0, 0, 0, 0], f"a concurrent download failed: {codes}"
+        assert codes == [0] * count, f"a concurrent fetch failed: {codes}"
         return peak
+
+    def upload(self, url: str) -> float:
+        result = subprocess.run(
+            ["curl", "-sf", "-o", "/dev/null", "-X", "POST", "-H", "Content-Type: application/dicom",
+             "-T", str(self.home / "upload.bin"), "-w", "%{speed_upload}", f"{url}/sink"],
+            capture_output=True, text=True, check=True,
+        )  # fmt: skip
+        return float(result.stdout)
 
 
 def _rss_mib(pid: int) -> float:
@@ -229,6 +249,28 @@ def _rss_mib(pid: int) -> float:
         return 0.0
     line = next(line for line in status.splitlines() if line.startswith("VmRSS:"))
     return int(line.split()[1]) / 1024
+
+
+def _write_metadata(path: Path, base: str, size: int) -> None:
+    """Series metadata the way the service answers it: one object per instance, each with its RetrieveURL."""
+    with path.open("w") as handle:
+        handle.write("[")
+        written, number = 1, 0
+        while written < size:
+            instance = {
+                "00080018": {"vr": "UI", "Value": [f"1.2.826.0.1.3680043.8.498.{number}"]},
+                "00080060": {"vr": "CS", "Value": ["CT"]},
+                "00100010": {"vr": "PN", "Value": [{"Alphabetic": "Doe^Jane"}]},
+                "00180050": {"vr": "DS", "Value": [1.25]},
+                "00200032": {"vr": "DS", "Value": [-125.0, -125.0, 10.50]},
+                "00280030": {"vr": "DS", "Value": [0.488281, 0.488281]},
+                "00081190": {"vr": "UR", "Value": [f"{base}/v2/studies/1.2.3/series/4.5.6/instances/7.8.{number}"]},
+            }
+            text = ("," if number else "") + json.dumps(instance)
+            handle.write(text)
+            written += len(text)
+            number += 1
+        handle.write("]")
 
 
 def _milliseconds(text: str) -> float:
@@ -257,17 +299,25 @@ def main() -> int:
             "workers": arguments.workers,
         }
         small = {f"{name}@{c}": bench.wrk(url, c) for c in (32, 256) for name, url in urls.items()}
+        metadata = {name: bench.metadata_seconds(url) for name, url in urls.items()}
+        metadata_peak = bench.peak_rss_under(f"{urls['proxy']}/metadata.json", 16)
         downloads = {name: bench.download(url) for name, url in urls.items()}
         uploads = {name: bench.upload(url) for name, url in urls.items()}
-        peak = bench.peak_rss_under_four_downloads(urls["proxy"])
+        peak = bench.peak_rss_under(f"{urls['proxy']}/big.bin", 4)
         report.update(
             small_get=small,
+            metadata_seconds=metadata,
+            proxy_peak_rss_mib_16_metadata=round(metadata_peak, 1),
             download_bytes_per_second=downloads,
             upload_bytes_per_second=uploads,
             proxy_peak_rss_mib_four_downloads=round(peak, 1),
             az_runs={"warm_up": warm_az_runs, "during_run": bench.az_runs() - warm_az_runs},
         )
         ratios = {
+            "small_get_vs_bare@32": small["proxy@32"]["requests_per_second"] / small["bare@32"]["requests_per_second"],
+            "small_get_vs_bare@256": small["proxy@256"]["requests_per_second"]
+            / small["bare@256"]["requests_per_second"],
+            "metadata_vs_bare": metadata["proxy"] / metadata["bare"],
             "small_get_vs_nginx@32": small["proxy@32"]["requests_per_second"]
             / small["nginx@32"]["requests_per_second"],
             "small_get_vs_nginx@256": small["proxy@256"]["requests_per_second"]
@@ -278,7 +328,9 @@ def main() -> int:
         }
         report["ratios"] = {key: round(value, 3) for key, value in ratios.items()}
         targets = {
-            "small GET >= 0.40x nginx (32 connections)": ratios["small_get_vs_nginx@32"] >= 0.40,
+            "small GET >= 1.0x the bare forwarder (32 connections)": ratios["small_get_vs_bare@32"] >= 1.0,
+            "10 MB metadata rewritten in <= 1.5x the bare forwarder's time": ratios["metadata_vs_bare"] <= 1.5,
+            "peak RSS <= 100 MiB with 16 metadata answers at once": metadata_peak <= 100,
             "1 GiB download >= 0.70x direct": ratios["download_vs_direct"] >= 0.70,
             "1 GiB download >= 1.2x nginx": ratios["download_vs_nginx"] >= 1.2,
             "peak RSS <= 100 MiB under 4 x 1 GiB": peak <= 100,
@@ -305,8 +357,8 @@ def table(report: dict[str, object]) -> str:
         f"dicom-auth-proxy benchmark, {report['date']}, {report['cores']} cores, "
         f"{report['workers']} worker process(es) for nginx and the proxy",
         "",
-        "| | direct | nginx static-token proxy | dicom-auth-proxy |",
-        "|---|---|---|---|",
+        "| | direct | nginx static-token proxy | bare aiohttp forwarder | dicom-auth-proxy |",
+        "|---|---|---|---|---|",
     ]
 
     def row(label: str, cells: list[str]) -> str:
@@ -318,11 +370,15 @@ def table(report: dict[str, object]) -> str:
             row(f"small GET, {c} connections", [f"{rate['requests_per_second']:,.0f} req/s" for rate in rates])
         )
         lines.append(row(f"p50 / p99, {c} connections", [f"{r['p50_ms']:.2f} / {r['p99_ms']:.2f} ms" for r in rates]))
+    metadata = report["metadata_seconds"]
+    assert isinstance(metadata, dict)
+    lines.append(row("10 MB series metadata (best of 5)", [f"{metadata[name] * 1000:.1f} ms" for name in NAMES]))
     lines.append(row("1 GiB download", [f"{downloads[name] / 1e9:.2f} GB/s" for name in NAMES]))
     lines.append(row("512 MiB upload", [f"{uploads[name] / 1e9:.2f} GB/s" for name in NAMES]))
     lines += [
         "",
         f"proxy peak RSS, four 1 GiB downloads at once: {report['proxy_peak_rss_mib_four_downloads']} MiB",
+        f"proxy peak RSS, 16 metadata answers at once: {report['proxy_peak_rss_mib_16_metadata']} MiB",
         f"az runs: {report['az_runs']}",
         f"ratios: {report['ratios']}",
         "",

@@ -79,7 +79,7 @@ def _add_options(command: argparse.ArgumentParser) -> None:
         dest="rewrite_limit_mib",
         metavar="MIB",
         type=float,
-        help="largest JSON/XML body rewritten, in MiB (default 32)",
+        help="no longer used: bodies of any size are rewritten as they stream (accepted for old configurations)",
     )
     add("--shutdown-grace", metavar="SECONDS", type=float, help="time in-flight requests get on SIGTERM (default 30)")
     add(

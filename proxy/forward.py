@@ -29,10 +29,10 @@ from .errors import (
 from .headers import client_response_headers, upstream_request_headers
 from .rewrite import (
     BaseMapping,
-    body_kind,
-    decode,
+    BodyTransform,
+    DecodeError,
+    body_transform,
     mapping_for,
-    rewrite_body,
     rewrite_headers,
     upstream_path,
     with_multipart_type,
@@ -54,6 +54,13 @@ _CLIENT_STALLED = web.RequestKey("client_stalled", bool)
 _CHALLENGE_DESCRIPTION = re.compile(r'error_description="([^"]{0,200})"')
 
 WRITE_BUFFER_HIGH = 1024 * 1024
+# Answers of a known length up to this size are read whole and sent in one write (rewritten, if need be,
+# with their exact Content-Length); larger or unsized ones stream.
+WHOLE_ANSWER_LIMIT = 1024 * 1024
+# A small compressed answer that inflates past this is passed on compressed, not rewritten.
+WHOLE_INFLATE_LIMIT = 64 * 1024 * 1024
+# Headers that no longer describe a body once it has been inflated or rewritten.
+_STALE_AFTER_REWRITE = ("Content-Length", "Content-MD5")
 
 _SEGMENT_SEPARATORS = re.compile(r"[/\\]")
 
@@ -207,52 +214,60 @@ class Forwarder:
         return headers
 
     async def _relay(self, request: web.BaseRequest, upstream: aiohttp.ClientResponse) -> web.StreamResponse:
-        # Worked out once per request: the headers and a held body both use it.
+        # Worked out once per request: the headers and the body both use it.
         mapping = mapping_for(self._origin, self._base_path, local_origin(request)) if self._settings.rewrite else None
         headers = self._response_headers(request, upstream, mapping)
-        held = b""
-        kind = body_kind(headers.get("Content-Type")) if mapping is not None else None
-        if mapping is not None and kind is not None and request.method != "HEAD" and upstream.status not in (204, 304):
-            held, complete = await self._hold(request, upstream)
-            if complete:
-                # Whole in hand either way: one Response is one write to the client, not three.
-                rewritten = self._rewritten(held, kind, headers, mapping)
-                body = held if rewritten is None else rewritten
-                return web.Response(status=upstream.status, reason=upstream.reason, headers=headers, body=body)
-            logger.warning(
-                "%s %s: the %s answer is larger than the rewrite limit (%d bytes); passing it on unrewritten",
-                request.method,
-                loggable(request.path),
-                kind.upper(),
-                self._settings.rewrite_limit,
-            )
+        has_body = request.method != "HEAD" and upstream.status not in (204, 304)
+        transform = None
+        # A 206 starts mid-body, where a link cannot be recognised.
+        if mapping is not None and has_body and upstream.status != 206:
+            transform = body_transform(headers.get("Content-Type"), headers.get("Content-Encoding"), mapping)
+        length = upstream.content_length
+        if has_body and length is not None and length <= WHOLE_ANSWER_LIMIT:
+            body = await self._read_whole(request, upstream)
+            if transform is not None:
+                body = _transformed_whole(body, transform, headers)
+            return web.Response(status=upstream.status, reason=upstream.reason, headers=headers, body=body)
+        if transform is not None:
+            for stale in _STALE_AFTER_REWRITE:
+                headers.popall(stale, None)
+            if transform.inflates:
+                headers.popall("Content-Encoding", None)
+        return await self._stream(request, upstream, headers, transform)
+
+    async def _stream(
+        self,
+        request: web.BaseRequest,
+        upstream: aiohttp.ClientResponse,
+        headers: CIMultiDict[str],
+        transform: BodyTransform | None,
+    ) -> web.StreamResponse:
         response = web.StreamResponse(status=upstream.status, reason=upstream.reason, headers=headers)
         await response.prepare(request)
         if request.transport is not None:
             # The default 64 KiB high-water mark makes every 1 MiB chunk wait for the client before the next
             # upstream read; room for one chunk lets reading and writing overlap.
             request.transport.set_write_buffer_limits(high=WRITE_BUFFER_HIGH)
-        if held and not await self._write(request, response, held):
+        try:
+            while chunk := await upstream.content.readany():
+                pieces = (chunk,) if transform is None else transform.feed(chunk)
+                for piece in pieces:
+                    if piece and not await self._write(request, response, piece):
+                        return response
+            if transform is not None and not await self._write(request, response, transform.finish()):
+                return response
+        except (TimeoutError, aiohttp.ClientError, DecodeError) as exc:
+            # Close instead of finishing the response: a client must never take a cut body for whole.
+            request[UPSTREAM_FAILURE] = _failure_kind(exc)
+            logger.warning(
+                "upstream broke off %s %s mid-body (%s); closing the client connection",
+                request.method,
+                loggable(request.path),
+                type(exc).__name__,
+            )
+            if request.transport is not None:
+                request.transport.close()
             return response
-        while True:
-            try:
-                chunk = await upstream.content.readany()
-            except (TimeoutError, aiohttp.ClientError) as exc:
-                # Close instead of finishing the response: a client must never take a cut body for whole.
-                request[UPSTREAM_FAILURE] = _failure_kind(exc)
-                logger.warning(
-                    "upstream broke off %s %s mid-body (%s); closing the client connection",
-                    request.method,
-                    loggable(request.path),
-                    type(exc).__name__,
-                )
-                if request.transport is not None:
-                    request.transport.close()
-                return response
-            if not chunk:
-                break
-            if not await self._write(request, response, chunk):
-                return response
         await response.write_eof()
         return response
 
@@ -265,35 +280,25 @@ class Forwarder:
             return False
         return True
 
-    async def _hold(self, request: web.BaseRequest, upstream: aiohttp.ClientResponse) -> tuple[bytes, bool]:
-        """Read a body up to the rewrite limit: (the bytes, whether that was all of it)."""
-        limit = self._settings.rewrite_limit
-        if upstream.content_length is not None and upstream.content_length > limit:
-            return b"", False
-        chunks: list[bytes] = []
-        size = 0
+    async def _read_whole(self, request: web.BaseRequest, upstream: aiohttp.ClientResponse) -> bytes:
+        """A small answer's body; nothing has reached the client yet, so a break still gets a clear error."""
         try:
-            while size <= limit:
-                chunk = await upstream.content.readany()
-                if not chunk:
-                    return b"".join(chunks), True
-                chunks.append(chunk)
-                size += len(chunk)
+            return await upstream.read()
         except (TimeoutError, aiohttp.ClientError) as exc:
-            # Nothing has reached the client yet, so it can still get a clear error instead of a cut body.
             request[UPSTREAM_FAILURE] = _failure_kind(exc)
             raise UpstreamUnreachable(f"the upstream broke off its answer ({type(exc).__name__})") from exc
-        return b"".join(chunks), False
 
-    def _rewritten(self, body: bytes, kind: str, headers: CIMultiDict[str], mapping: BaseMapping) -> bytes | None:
-        """The body with upstream URLs made local, sent identity-encoded; None to send it as it came."""
-        plain = decode(body, headers.get("Content-Encoding"), self._settings.rewrite_limit)
-        rewritten = rewrite_body(plain, kind, mapping) if plain is not None else None
-        if rewritten is None:
-            return None
-        for stale in ("Content-Encoding", "Content-Length", "Content-MD5"):
-            headers.popall(stale, None)
-        return rewritten
+
+def _transformed_whole(body: bytes, transform: BodyTransform, headers: CIMultiDict[str]) -> bytes:
+    """A whole small body through `transform`, its headers made to match; as it came when nothing changed."""
+    rewritten = transform.whole(body, WHOLE_INFLATE_LIMIT)
+    if rewritten is None:
+        return body
+    for stale in _STALE_AFTER_REWRITE:
+        headers.popall(stale, None)
+    if transform.inflates:
+        headers.popall("Content-Encoding", None)
+    return rewritten
 
 
 def _challenge_description(upstream: aiohttp.ClientResponse) -> str:

@@ -2,27 +2,40 @@
 
 The DICOM service writes absolute URLs of itself into Location/Content-Location, STOW-RS RetrieveURLs,
 operation references and extended query tag links. Only values that start with the exact upstream base
-(followed by a path, query or nothing) are rewritten: another host's URL, such as a blob storage
-errorHref, is data and stays as it is. Bodies are rewritten only when they are JSON or XML and small
-enough to hold; everything else streams untouched.
+(followed by a path, query, fragment or nothing) are rewritten: another host's URL, such as a blob storage
+errorHref, is data and stays as it is, and so is a URL in the middle of a longer text.
+
+JSON and XML bodies are rewritten as they stream (`BodyRewriter`), byte for byte: nothing is parsed or
+re-serialised, so numbers, spacing and key order stay exactly as the service wrote them. gzip and deflate
+are undone on the way (`Inflater`); other bodies stream untouched.
 """
 
 from __future__ import annotations
 
-import json
 import re
 import zlib
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import Any
+from email.message import Message
+from typing import Literal
 
-from aiohttp.helpers import parse_mimetype
 from multidict import CIMultiDict
+
+BodyKind = Literal["json", "xml"]
 
 URL_HEADERS = ("Location", "Content-Location")
 _JSON_TYPES = frozenset({"application/json", "application/dicom+json"})
 _XML_TYPES = frozenset({"application/dicom+xml", "application/xml", "text/xml"})
 _VERSION_SEGMENT = re.compile(r"/v\d+(\.\d+)?$")
 _STARTS_WITH_VERSION = re.compile(r"^/v\d+(\.\d+)?(/|$|\?)")
+
+# Pretty-printed XML may put a line break and indentation between a tag and its URL. More than this is not
+# indentation, and the bound keeps what a rewriter holds back between chunks small.
+MAX_XML_INDENT = 1024
+
+# Characters that end a URL in a body. An upstream base containing one could not be told apart from its
+# surroundings (and RFC 3986 allows none of them but "'", which no service base uses).
+_NOT_IN_BASE = re.compile(rb"[\s\"'<>\\]")
 
 
 @dataclass(frozen=True)
@@ -73,74 +86,23 @@ def rewrite_headers(headers: CIMultiDict[str], mapping: BaseMapping) -> None:
             headers[name] = mapping.rewrite_url(headers[name])
 
 
-def body_kind(content_type: str | None) -> str | None:
+def _media_type(value: str) -> tuple[str, dict[str, str]]:
+    """A media type's `type/subtype` in lower case and its parameters (names in lower case, values unquoted)."""
+    message = Message()
+    message["Content-Type"] = value
+    return message.get_content_type(), dict(message.get_params(failobj=[])[1:])
+
+
+def body_kind(content_type: str | None) -> BodyKind | None:
     """'json' or 'xml' when a body of this type may carry service URLs, else None (stream it)."""
     if not content_type:
         return None
-    mime = parse_mimetype(content_type)
-    essence = f"{mime.type}/{mime.subtype}".lower()
-    if essence in _JSON_TYPES or mime.suffix == "json":
+    essence, _ = _media_type(content_type)
+    if essence in _JSON_TYPES or essence.endswith("+json"):
         return "json"
-    if essence in _XML_TYPES or mime.suffix == "xml":
+    if essence in _XML_TYPES or essence.endswith("+xml"):
         return "xml"
     return None
-
-
-# zlib window settings per Content-Encoding; "deflate" is often sent raw, without its zlib wrapper
-# (RFC 9110 8.4.1.2 notes the confusion), so both are tried.
-_WINDOWS = {
-    "gzip": (16 + zlib.MAX_WBITS,),
-    "x-gzip": (16 + zlib.MAX_WBITS,),
-    "deflate": (zlib.MAX_WBITS, -zlib.MAX_WBITS),
-}
-
-
-def decode(body: bytes, content_encoding: str | None, limit: int) -> bytes | None:
-    """The identity bytes of a body, or None when its encoding is unknown or it inflates past `limit`."""
-    encoding = (content_encoding or "identity").strip().lower()
-    if encoding == "identity":
-        return body
-    for window in _WINDOWS.get(encoding, ()):
-        inflater = zlib.decompressobj(window)
-        try:
-            plain = inflater.decompress(body, limit + 1)
-        except zlib.error:
-            continue
-        return None if len(plain) > limit or inflater.unconsumed_tail else plain
-    return None
-
-
-def rewrite_body(body: bytes, kind: str, mapping: BaseMapping) -> bytes | None:
-    """The rewritten body, or None when nothing in it changed (or it is not what it claims to be)."""
-    if mapping.upstream.encode() not in body and mapping.upstream.replace("/", "\\/").encode() not in body:
-        return None
-    try:
-        text = body.decode("utf-8")
-    except UnicodeDecodeError:
-        return None
-    if kind == "json":
-        try:
-            document = json.loads(text)
-        except ValueError:
-            return None
-        changed = _rewrite_json(document, mapping)
-        if changed == document:
-            return None
-        return json.dumps(changed, ensure_ascii=False, separators=(",", ":")).encode()
-    # In XML a URL is a whole text node or attribute value: it follows '>' or a quote.
-    pattern = re.compile(r"(?<=[>\"'])(\s*)" + re.escape(mapping.upstream) + r"(?=[/?#<\"'\s])")
-    rewritten = pattern.sub(lambda match: match.group(1) + mapping.local, text)
-    return rewritten.encode() if rewritten != text else None
-
-
-def _rewrite_json(node: Any, mapping: BaseMapping) -> Any:
-    if isinstance(node, str):
-        return mapping.rewrite_url(node)
-    if isinstance(node, list):
-        return [_rewrite_json(item, mapping) for item in node]
-    if isinstance(node, dict):
-        return {key: _rewrite_json(value, mapping) for key, value in node.items()}
-    return node
 
 
 def with_multipart_type(content_type: str | None, accept: str | None) -> str | None:
@@ -151,14 +113,313 @@ def with_multipart_type(content_type: str | None, accept: str | None) -> str | N
     """
     if not content_type or not accept:
         return None
-    answer = parse_mimetype(content_type)
-    if (answer.type, answer.subtype) != ("multipart", "related") or "type" in answer.parameters:
+    essence, parameters = _media_type(content_type)
+    if essence != "multipart/related" or "type" in parameters:
         return None
     wanted = {
-        mime.parameters["type"]
-        for mime in (parse_mimetype(part) for part in accept.split(","))
-        if (mime.type, mime.subtype) == ("multipart", "related") and "type" in mime.parameters
+        parameters["type"]
+        for essence, parameters in map(_media_type, accept.split(","))
+        if essence == "multipart/related" and "type" in parameters
     }
     if len(wanted) != 1:
         return None
     return f'{content_type}; type="{wanted.pop()}"'
+
+
+# Streaming body rewriting ---------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class _Rule:
+    """One way the upstream base is written in a body: where it is a link, and what it becomes."""
+
+    needle: bytes  # in every link: a text without it needs no regex at all
+    pattern: re.Pattern[bytes]  # a link, with what must come before and after it
+    replacement: bytes | Callable[[re.Match[bytes]], bytes]
+    # The usual link, the needle and a slash, written as a literal. `subn` finds a literal far faster than a
+    # pattern with lookarounds, and when it rewrote every occurrence of the needle, that was all there was.
+    usual: re.Pattern[bytes] | None = None
+    usual_replacement: bytes = b""
+
+    def found_in(self, text: bytes) -> bool:
+        # memchr rules out a needle with a backslash (JSON's escaped form) far faster than a search for it.
+        return (b"\\" not in self.needle or b"\\" in text) and self.needle in text
+
+    def quick(self, text: bytes, before: bytes) -> bytes | None:
+        """The text rewritten when every occurrence of the needle is the usual link; else None."""
+        if self.usual is None or before == b"\\" or (b"\\" in text and b"\\" + self.needle in text):
+            return None  # a backslash escapes the needle's quote: the URL is inside a longer string
+        rewritten, done = self.usual.subn(self.usual_replacement, text)
+        return rewritten if done == text.count(self.needle) else None
+
+
+def _literal(replacement: bytes) -> bytes:
+    """A replacement for `re.sub` that is taken as it is: no group references, so `sub` stays in C."""
+    return replacement.replace(b"\\", b"\\\\")
+
+
+def _json_rule(upstream: bytes, local: bytes, slash: bytes) -> _Rule:
+    # A link is a whole string value: '"' before it; a path, query, fragment or the string's end after it.
+    # A backslash before that quote escapes it, so the URL is inside a longer string: data. That lookbehind
+    # comes after the literal prefix, which keeps the regex search fast.
+    needle, replacement = b'"' + upstream, b'"' + local
+    after = rb"(?=" + re.escape(slash) + rb'|[?#"])'
+    pattern = re.compile(re.escape(needle) + after + rb"(?<!\\" + re.escape(needle) + rb")")
+    usual = re.compile(re.escape(needle + slash))
+    return _Rule(needle, pattern, _literal(replacement), usual, _literal(replacement + slash))
+
+
+def _xml_rule(upstream: bytes, local: bytes) -> _Rule:
+    # A link is a whole text node or attribute value: '>' or a quote before it, perhaps indentation too.
+    start = rb"([>\"'][ \t\r\n]{0,%d})" % MAX_XML_INDENT
+    pattern = re.compile(start + re.escape(upstream) + rb"(?=[/?#<\"' \t\r\n])")
+
+    def replacement(match: re.Match[bytes]) -> bytes:
+        return match.group(1) + local
+
+    usual = re.compile(re.escape(b">" + upstream + b"/"))  # <Value number="1">https://...</Value>
+    return _Rule(upstream, pattern, replacement, usual, _literal(b">" + local + b"/"))
+
+
+def _prefixes(text: bytes) -> bytes:
+    """A regex matching any beginning of `text`, the empty one included."""
+    pattern = b""
+    for index in reversed(range(len(text))):
+        pattern = b"(?:" + re.escape(text[index : index + 1]) + pattern + b")?"
+    return pattern
+
+
+class BodyRewriter:
+    """Rewrites the upstream base into the local base in a JSON or XML body as it streams.
+
+    Bytes in, bytes out, identical except for the replaced bases, in memory that does not grow with the body.
+    A link split across chunks is still found: the few bytes at a chunk's end that may begin one (a quote
+    and part of the base; in XML, a '>' or quote, indentation and part of the base) are held back until
+    the next chunk decides them. The body must be identity-encoded (see `Inflater`).
+    """
+
+    def __init__(self, kind: BodyKind, mapping: BaseMapping) -> None:
+        upstream, local = mapping.upstream.encode(), mapping.local.encode()
+        if not upstream or _NOT_IN_BASE.search(upstream):
+            raise ValueError(f"cannot find {mapping.upstream!r} in bodies: not a plain URL")
+        if kind == "json":
+            # JSON may escape '/' as '\/'; such a base becomes a local base escaped the same way.
+            escaped = upstream.replace(b"/", b"\\/")
+            self._rules: tuple[_Rule, ...] = (
+                _json_rule(upstream, local, b"/"),
+                _json_rule(escaped, local.replace(b"/", b"\\/"), b"\\/"),
+            )
+            undecided = b'"(?:' + _prefixes(upstream) + b"|" + _prefixes(escaped + b"\\") + b")"
+            self._window = len(escaped) + 2
+        else:
+            self._rules = (_xml_rule(upstream, local),)
+            undecided = rb"[>\"'][ \t\r\n]{0,%d}" % MAX_XML_INDENT + _prefixes(upstream)
+            self._window = 1 + MAX_XML_INDENT + len(upstream)
+        # The start of a link that the bytes so far cannot confirm or rule out.
+        self._undecided = re.compile(undecided + rb"\Z")
+        self._held = b""
+        self._last = b""  # the last byte handed out, which a rule may look back at
+
+    @property
+    def pending(self) -> int:
+        """How many of the bytes fed so far are held back until the next chunk decides them."""
+        return len(self._held)
+
+    def feed(self, chunk: bytes) -> bytes:
+        """The rewritten bytes that are ready now: all those fed, but the end that may start a link."""
+        data = self._held + chunk
+        undecided = self._undecided.search(data, max(0, len(data) - self._window))
+        ready = undecided.start() if undecided else len(data)
+        self._held = data[ready:]
+        return self._rewrite(data, ready)
+
+    def finish(self) -> bytes:
+        """The rest, at the end of the body: whatever was held back, rewritten if it was a whole link."""
+        data, self._held = self._held, b""
+        return self._rewrite(data, len(data))
+
+    def _rewrite(self, data: bytes, ready: int) -> bytes:
+        """`data[:ready]`, rewritten."""
+        text = data[:ready]
+        before, self._last = self._last, text[-1:] or self._last
+        rules = [rule for rule in self._rules if rule.found_in(text)]
+        if not rules:
+            return text
+        if len(rules) == 1 and (quick := rules[0].quick(text, before)) is not None:
+            return quick
+        # Patterns look one byte beyond a link on either side. Neither of those bytes can be part of a link:
+        # the one before was not held back, the one after starts what is.
+        after = data[ready : ready + 1]
+        text = before + text + after
+        for rule in rules:
+            text = rule.pattern.sub(rule.replacement, text)
+        return text[len(before) : len(text) - len(after)]
+
+
+def rewrite_body(body: bytes, kind: str, mapping: BaseMapping) -> bytes | None:
+    """The rewritten body, or None when nothing in it changed."""
+    rewriter = BodyRewriter("json" if kind == "json" else "xml", mapping)
+    rewritten = rewriter.feed(body) + rewriter.finish()
+    return None if rewritten == body else rewritten
+
+
+# Content-Encoding -----------------------------------------------------------------------------------
+
+PIECE_SIZE = 256 * 1024
+
+_GZIP_WINDOW = 16 + zlib.MAX_WBITS
+_INFLATABLE = frozenset({"gzip", "x-gzip", "deflate"})
+
+
+class DecodeError(ValueError):
+    """A body is not in the Content-Encoding it claims, or ends before its compressed stream does."""
+
+
+class Inflater:
+    """Undoes gzip or deflate Content-Encoding as a body streams, in pieces of at most `piece_size` bytes.
+
+    Output is bounded per piece, not per chunk: a small chunk of a compression bomb becomes many pieces,
+    never one huge one, and a caller that stops reading stops the inflating.
+    """
+
+    def __init__(self, encoding: str, *, piece_size: int = PIECE_SIZE) -> None:
+        if encoding not in _INFLATABLE:
+            raise ValueError(f"cannot undo Content-Encoding {encoding!r}")
+        self._encoding = encoding
+        self._piece_size = piece_size
+        self._inflater = zlib.decompressobj(_GZIP_WINDOW)
+        # "deflate" means the zlib format, but servers often send a raw deflate stream instead (RFC 9110
+        # 8.4.1.2); its first two bytes tell which, so they wait until both have come.
+        self._head: bytes | None = b"" if encoding == "deflate" else None
+        self._started = False
+
+    def feed(self, chunk: bytes) -> Iterator[bytes]:
+        """The inflated pieces of `chunk`; iterate to the end before the next feed. Raises DecodeError."""
+        self._started = self._started or bool(chunk)
+        if self._head is not None:
+            chunk = self._head + chunk
+            if len(chunk) < 2:
+                self._head = chunk
+                return
+            self._head = None
+            self._inflater = zlib.decompressobj(zlib.MAX_WBITS if _is_zlib_header(chunk) else -zlib.MAX_WBITS)
+        while True:
+            if self._inflater.eof and chunk:
+                if self._encoding == "deflate":
+                    raise DecodeError("the body goes on after its deflate stream has ended")
+                self._inflater = zlib.decompressobj(_GZIP_WINDOW)  # a gzip body may hold several members
+            try:
+                piece = self._inflater.decompress(chunk, self._piece_size)
+            except zlib.error as exc:
+                raise DecodeError(f"the body is not valid {self._encoding}: {exc}") from exc
+            if piece:
+                yield piece
+            if self._inflater.eof:
+                chunk = self._inflater.unused_data
+                if not chunk:
+                    return
+            else:
+                chunk = self._inflater.unconsumed_tail
+                # A full piece may mean zlib holds more output for input it has already taken.
+                if not chunk and len(piece) < self._piece_size:
+                    return
+
+    def finish(self) -> None:
+        """Check that the body did not end inside the compressed stream. Raises DecodeError."""
+        if self._started and not self._inflater.eof:
+            raise DecodeError(f"the body ends before its {self._encoding} stream does")
+
+
+def inflater_for(content_encoding: str | None, *, piece_size: int = PIECE_SIZE) -> Inflater | None:
+    """An Inflater for a gzip or deflate body; None for any other encoding, identity included."""
+    encoding = (content_encoding or "").strip().lower()
+    return Inflater(encoding, piece_size=piece_size) if encoding in _INFLATABLE else None
+
+
+def _is_zlib_header(head: bytes) -> bool:
+    # RFC 1950 2.2: method 8 (deflate) with a window of at most 32 KiB, and the two bytes a multiple of 31.
+    return head[0] & 0x0F == 8 and head[0] >> 4 <= 7 and (head[0] << 8 | head[1]) % 31 == 0
+
+
+def decode(body: bytes, content_encoding: str | None, limit: int) -> bytes | None:
+    """The identity bytes of a body, or None when its encoding is unknown or it inflates past `limit`."""
+    if (content_encoding or "identity").strip().lower() == "identity":
+        return body
+    inflater = inflater_for(content_encoding)
+    if inflater is None:
+        return None
+    pieces: list[bytes] = []
+    size = 0
+    try:
+        for piece in inflater.feed(body):
+            size += len(piece)
+            if size > limit:
+                return None
+            pieces.append(piece)
+        inflater.finish()
+    except DecodeError:
+        return None
+    return b"".join(pieces)
+
+
+class BodyTransform:
+    """What a JSON or XML answer goes through on its way to the client: inflated if encoded, then rewritten."""
+
+    def __init__(self, kind: BodyKind, mapping: BaseMapping, inflater: Inflater | None = None) -> None:
+        self._rewriter = BodyRewriter(kind, mapping)
+        self._inflater = inflater
+
+    @property
+    def inflates(self) -> bool:
+        """Whether the output is identity-encoded bytes of an encoded input."""
+        return self._inflater is not None
+
+    def feed(self, chunk: bytes) -> Iterator[bytes]:
+        """Output pieces for `chunk`, each bounded (a small gzip chunk may inflate to a great deal)."""
+        if self._inflater is None:
+            yield self._rewriter.feed(chunk)
+            return
+        for piece in self._inflater.feed(chunk):
+            yield self._rewriter.feed(piece)
+
+    def finish(self) -> bytes:
+        """The held-back end; raises DecodeError if an encoded body stopped mid-stream."""
+        if self._inflater is not None:
+            self._inflater.finish()
+        return self._rewriter.finish()
+
+    def whole(self, body: bytes, limit: int) -> bytes | None:
+        """A whole small body at once; None to send it as it came: no link in it, it does not decode, or it
+        inflates past `limit` bytes (a bomb stays compressed)."""
+        plain = body
+        if self._inflater is not None:
+            pieces, size = [], 0
+            try:
+                for piece in self._inflater.feed(body):
+                    size += len(piece)
+                    if size > limit:
+                        return None
+                    pieces.append(piece)
+                self._inflater.finish()
+            except DecodeError:
+                return None
+            plain = b"".join(pieces)
+        rewritten = self._rewriter.feed(plain) + self._rewriter.finish()
+        return None if rewritten == plain else rewritten
+
+
+def body_transform(
+    content_type: str | None, content_encoding: str | None, mapping: BaseMapping
+) -> BodyTransform | None:
+    """The transform for an answer with these headers, or None when its body streams untouched.
+
+    None for bodies that cannot carry service URLs (not JSON or XML) and for encodings that cannot be
+    undone here (br, zstd): those pass as they came.
+    """
+    kind = body_kind(content_type)
+    if kind is None:
+        return None
+    if (content_encoding or "identity").strip().lower() == "identity":
+        return BodyTransform(kind, mapping)
+    inflater = inflater_for(content_encoding)
+    return BodyTransform(kind, mapping, inflater) if inflater is not None else None

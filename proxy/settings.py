@@ -58,7 +58,8 @@ class Settings:
     # Idle time between two reads from the upstream; there is deliberately no total timeout, which
     # would cut a long WADO-RS retrieve of a large study.
     read_timeout: float = 300.0
-    # Rewrite upstream URLs in Location/Content-Location and JSON/XML bodies up to rewrite_limit bytes.
+    # Rewrite upstream URLs in Location/Content-Location and JSON/XML bodies (as they stream). rewrite_limit
+    # no longer bounds anything; it is still read so that older configurations start.
     rewrite: bool = True
     rewrite_limit: int = 32 * 1024 * 1024
     # On SIGTERM/SIGINT, in-flight requests get this long to finish before they are cut.

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import gzip
+import hashlib
 import json
 import zlib
 
@@ -12,6 +13,8 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from proxy.rewrite import BaseMapping, decode, rewrite_body, upstream_path, with_multipart_type
+
+from .upstream import metadata_stream
 
 MAPPING = BaseMapping("https://ws-svc.dicom.azurehealthcareapis.com", "http://localhost:8080")
 
@@ -166,15 +169,22 @@ def test_dicom_xml_is_rewritten(start_proxy, upstream):
     assert upstream.url not in answer.text
 
 
-def test_bodies_over_the_limit_pass_untouched_with_a_warning(start_proxy, upstream):
-    proxy = start_proxy("--rewrite-limit", "1")
-    answer = requests.get(f"{proxy.url}/v2/big-json/2", timeout=30)
-    assert answer.status_code == 200
-    assert len(answer.content) > 2 * 1024 * 1024
-    assert json.loads(answer.content)[0]["00081190"]["Value"] == [f"{upstream.url}/v2/studies/1"]
-    assert "larger than the rewrite limit" in proxy.output()
-    small = requests.post(f"{proxy.url}/v2/studies", data=b"DICM", timeout=10).json()
-    assert small["00081190"]["Value"] == [f"{proxy.url}/v2/studies/1.2.3"]
+@pytest.mark.slow
+def test_a_200_mib_metadata_answer_is_rewritten_as_it_streams_in_flat_memory(start_proxy, upstream):
+    proxy = start_proxy()
+    expected = hashlib.sha256()
+    for piece in metadata_stream(proxy.url, 200):
+        expected.update(piece)
+    received, size = hashlib.sha256(), 0
+    with requests.get(f"{proxy.url}/v2/stream-json/200", stream=True, timeout=60) as answer:
+        assert answer.status_code == 200
+        assert "Content-Length" not in answer.headers
+        for chunk in answer.iter_content(1024 * 1024):
+            received.update(chunk)
+            size += len(chunk)
+    assert size > 150 * 1024 * 1024
+    assert received.hexdigest() == expected.hexdigest(), "every link rewritten, every other byte as it came"
+    assert proxy.peak_rss_mib() < 100
 
 
 def test_no_rewrite_turns_it_off(start_proxy, upstream):

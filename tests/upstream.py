@@ -16,7 +16,7 @@ import random
 import ssl
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
 from aiohttp import web
@@ -27,6 +27,18 @@ BLOCK = random.Random(20261125).randbytes(1024 * 1024)
 def pattern(size: int) -> bytes:
     """The first `size` bytes of the endless deterministic body that /bytes serves."""
     return (BLOCK * (size // len(BLOCK) + 1))[:size]
+
+
+def metadata_stream(base: str, blocks: int) -> Iterator[bytes]:
+    """About `blocks` MiB of series metadata whose links start with `base`, in odd-sized pieces so that
+    links straddle them; the same `blocks` gives the same document whatever the base."""
+    item = json.dumps({"00081190": {"vr": "UR", "Value": [f"{base}/v2/studies/1"]}}).encode()
+    block = b",".join([item] * 12007)
+    for number in range(blocks):
+        body = (b"[" if number == 0 else b",") + block
+        for start in range(0, len(body), 65521):
+            yield body[start : start + 65521]
+    yield b"]"
 
 
 def token_claims(token: str) -> dict[str, object]:
@@ -106,6 +118,7 @@ class Upstream:
         app.router.add_get("/v2/gzip-json", self._gzip_json)
         app.router.add_get("/v2/xml", self._xml)
         app.router.add_get("/v2/big-json/{mib}", self._big_json)
+        app.router.add_get("/v2/stream-json/{mib}", self._stream_json)
         app.router.add_get("/v2/studies/{study}/series", self._multipart)
         app.router.add_get("/bytes/{size}", self._bytes)
         app.router.add_get("/reset/{size}", self._reset)
@@ -235,6 +248,13 @@ class Upstream:
         item = json.dumps({"00081190": {"vr": "UR", "Value": [self.link(request, "/v2/studies/1")]}})
         count = size // (len(item) + 1) + 1
         return web.Response(text="[" + ",".join([item] * count) + "]", content_type="application/dicom+json")
+
+    async def _stream_json(self, request: web.Request) -> web.StreamResponse:
+        response = web.StreamResponse(headers={"Content-Type": "application/dicom+json"})
+        await response.prepare(request)
+        for piece in metadata_stream(self.url, int(request.match_info["mib"])):
+            await response.write(piece)
+        return response
 
     async def _multipart(self, request: web.Request) -> web.Response:
         body = b"--xyz\r\nContent-Type: application/dicom\r\n\r\nDICM\r\n--xyz--\r\n"
