@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from email.message import Message
 from typing import Literal
 
+from cachetools import LRUCache, cached
 from multidict import CIMultiDict
 
 BodyKind = Literal["json", "xml"]
@@ -189,6 +190,32 @@ def _prefixes(text: bytes) -> bytes:
     return pattern
 
 
+_Plan = tuple[tuple["_Rule", ...], re.Pattern[bytes], int]
+
+
+@cached(LRUCache(maxsize=64))
+def _plan(kind: BodyKind, mapping: BaseMapping) -> _Plan:
+    """The compiled rules for one base and kind, built once: building them cost more than a small answer."""
+    upstream, local = mapping.upstream.encode(), mapping.local.encode()
+    if not upstream or _NOT_IN_BASE.search(upstream):
+        raise ValueError(f"cannot find {mapping.upstream!r} in bodies: not a plain URL")
+    if kind == "json":
+        # JSON may escape '/' as '\/'; such a base becomes a local base escaped the same way.
+        escaped = upstream.replace(b"/", b"\\/")
+        rules: tuple[_Rule, ...] = (
+            _json_rule(upstream, local, b"/"),
+            _json_rule(escaped, local.replace(b"/", b"\\/"), b"\\/"),
+        )
+        undecided = b'"(?:' + _prefixes(upstream) + b"|" + _prefixes(escaped + b"\\") + b")"
+        window = len(escaped) + 2
+    else:
+        rules = (_xml_rule(upstream, local),)
+        undecided = rb"[>\"'][ \t\r\n]{0,%d}" % MAX_XML_INDENT + _prefixes(upstream)
+        window = 1 + MAX_XML_INDENT + len(upstream)
+    # The start of a link that the bytes so far cannot confirm or rule out.
+    return rules, re.compile(undecided + rb"\Z"), window
+
+
 class BodyRewriter:
     """Rewrites the upstream base into the local base in a JSON or XML body as it streams.
 
@@ -199,24 +226,7 @@ class BodyRewriter:
     """
 
     def __init__(self, kind: BodyKind, mapping: BaseMapping) -> None:
-        upstream, local = mapping.upstream.encode(), mapping.local.encode()
-        if not upstream or _NOT_IN_BASE.search(upstream):
-            raise ValueError(f"cannot find {mapping.upstream!r} in bodies: not a plain URL")
-        if kind == "json":
-            # JSON may escape '/' as '\/'; such a base becomes a local base escaped the same way.
-            escaped = upstream.replace(b"/", b"\\/")
-            self._rules: tuple[_Rule, ...] = (
-                _json_rule(upstream, local, b"/"),
-                _json_rule(escaped, local.replace(b"/", b"\\/"), b"\\/"),
-            )
-            undecided = b'"(?:' + _prefixes(upstream) + b"|" + _prefixes(escaped + b"\\") + b")"
-            self._window = len(escaped) + 2
-        else:
-            self._rules = (_xml_rule(upstream, local),)
-            undecided = rb"[>\"'][ \t\r\n]{0,%d}" % MAX_XML_INDENT + _prefixes(upstream)
-            self._window = 1 + MAX_XML_INDENT + len(upstream)
-        # The start of a link that the bytes so far cannot confirm or rule out.
-        self._undecided = re.compile(undecided + rb"\Z")
+        self._rules, self._undecided, self._window = _plan(kind, mapping)
         self._held = b""
         self._last = b""  # the last byte handed out, which a rule may look back at
 
