@@ -366,3 +366,11 @@ def test_a_path_with_an_encoded_newline_is_forwarded_not_refused(start_proxy, up
     response, body = get(proxy.url, "/echo/a%0Ab")
     assert response.status == 200
     assert json.loads(body)["raw_path"] == "/echo/a%0Ab"
+
+
+def test_a_small_answer_cut_by_the_upstream_gets_a_clear_502(start_proxy, upstream):
+    # Up to 1 MiB an answer is read whole before anything is sent, so the client can still be told.
+    proxy = start_proxy()
+    response, body = get(proxy.url, "/reset/100000")
+    assert response.status == 502
+    assert json.loads(body)["error"] == "upstream_unreachable"
