@@ -205,17 +205,21 @@ class Bench:
         times = []
         for _ in range(5):
             result = subprocess.run(
-                ["curl", "-sf", "-o", "/dev/null", "-w", "%{time_total}", f"{url}/metadata.json"],
+                # What a viewer sends for series metadata.
+                ["curl", "-sf", "-H", "Accept: application/dicom+json", "-o", "/dev/null", "-w", "%{time_total}",
+                 f"{url}/metadata.json"],
                 capture_output=True, text=True, check=True,
             )  # fmt: skip
             times.append(float(result.stdout))
         return min(times)
 
-    def peak_rss_under(self, url: str, count: int) -> float:
+    def peak_rss_under(self, url: str, count: int, accept: str = "*/*") -> float:
         """The proxy's peak resident memory (MiB, all its processes) while `count` fetches of `url` run at once."""
         pid = self.proxy.pid
         peak = 0.0
-        fetches = [subprocess.Popen(["curl", "-sf", "-o", "/dev/null", url]) for _ in range(count)]
+        fetches = [
+            subprocess.Popen(["curl", "-sf", "-H", f"Accept: {accept}", "-o", "/dev/null", url]) for _ in range(count)
+        ]
         done = threading.Event()
 
         def sample() -> None:
@@ -300,7 +304,7 @@ def main() -> int:
         }
         small = {f"{name}@{c}": bench.wrk(url, c) for c in (32, 256) for name, url in urls.items()}
         metadata = {name: bench.metadata_seconds(url) for name, url in urls.items()}
-        metadata_peak = bench.peak_rss_under(f"{urls['proxy']}/metadata.json", 16)
+        metadata_peak = bench.peak_rss_under(f"{urls['proxy']}/metadata.json", 16, "application/dicom+json")
         downloads = {name: bench.download(url) for name, url in urls.items()}
         uploads = {name: bench.upload(url) for name, url in urls.items()}
         peak = bench.peak_rss_under(f"{urls['proxy']}/big.bin", 4)

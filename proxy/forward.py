@@ -54,6 +54,10 @@ _CLIENT_STALLED = web.RequestKey("client_stalled", bool)
 _CHALLENGE_DESCRIPTION = re.compile(r'error_description="([^"]{0,200})"')
 
 WRITE_BUFFER_HIGH = 1024 * 1024
+# Read size for answers the client asked for as JSON or XML (metadata, QIDO), which may be rewritten: the
+# rewriting bounds their speed, and smaller reads keep many of them at once in little memory. Everything
+# else (WADO-RS retrieves) uses the session's large reads.
+DOCUMENT_READ_BUFFER = 256 * 1024
 # Answers of a known length up to this size are read whole and sent in one write (rewritten, if need be,
 # with their exact Content-Length); larger or unsized ones stream.
 WHOLE_ANSWER_LIMIT = 1024 * 1024
@@ -176,6 +180,7 @@ class Forwarder:
                 data=body,
                 allow_redirects=False,
                 proxy=self._proxy,
+                read_bufsize=DOCUMENT_READ_BUFFER if _wants_a_document(request.headers.get("Accept")) else None,
             )
         except ClientTimeout:
             raise
@@ -244,9 +249,10 @@ class Forwarder:
     ) -> web.StreamResponse:
         response = web.StreamResponse(status=upstream.status, reason=upstream.reason, headers=headers)
         await response.prepare(request)
-        if request.transport is not None:
+        if request.transport is not None and transform is None:
             # The default 64 KiB high-water mark makes every 1 MiB chunk wait for the client before the next
-            # upstream read; room for one chunk lets reading and writing overlap.
+            # upstream read; room for one chunk lets reading and writing overlap. A rewritten body is bound
+            # by the rewriting, not the copying, and keeps the default, which bounds memory per answer.
             request.transport.set_write_buffer_limits(high=WRITE_BUFFER_HIGH)
         try:
             while chunk := await upstream.content.readany():
@@ -299,6 +305,14 @@ def _transformed_whole(body: bytes, transform: BodyTransform, headers: CIMultiDi
     if transform.inflates:
         headers.popall("Content-Encoding", None)
     return rewritten
+
+
+def _wants_a_document(accept: str | None) -> bool:
+    """Whether the client asked for JSON or XML only: a metadata or search answer, not a retrieve."""
+    if not accept:
+        return False
+    lowered = accept.lower()
+    return ("json" in lowered or "xml" in lowered) and "multipart" not in lowered and "*/*" not in lowered
 
 
 def _challenge_description(upstream: aiohttp.ClientResponse) -> str:

@@ -98,6 +98,15 @@ def body_kind(content_type: str | None) -> BodyKind | None:
     """'json' or 'xml' when a body of this type may carry service URLs, else None (stream it)."""
     if not content_type:
         return None
+    lowered = content_type.lower()
+    if "json" not in lowered and "xml" not in lowered:
+        return None  # multipart and binary answers, without parsing their parameters
+    return _json_or_xml(lowered)
+
+
+@cached(LRUCache(maxsize=64))
+def _json_or_xml(content_type: str) -> BodyKind | None:
+    """body_kind's parsing, done once per distinct Content-Type: the service sends a handful."""
     essence, _ = _media_type(content_type)
     if essence in _JSON_TYPES or essence.endswith("+json"):
         return "json"
