@@ -23,9 +23,8 @@ from .credentials import build_credential
 from .errors import ConfigurationError
 from .session import upstream_session
 from .settings import Settings
-from .tokens import describe_identity, expiry_text, token_claims
+from .tokens import describe_identity, expiry_text, first_line, token_claims
 
-_VERSIONED = re.compile(r"/v\d+(\.\d+)?$")
 _DESCRIPTION = re.compile(r'error_description="([^"]*)"')
 ROLE_HINT = (
     "give the signed-in identity a DICOM role (DICOM Data Reader, or DICOM Data Owner to write) "
@@ -46,9 +45,9 @@ class Finding:
 
 
 def probe_url(settings: Settings) -> str:
-    """An authorised, cheap QIDO-RS query under the base (with /v2 when the base names no version)."""
+    """An authorised, cheap QIDO-RS query at the base a viewer uses (/v2 added only to a bare service root)."""
     base = str(settings.upstream).rstrip("/")
-    if not _VERSIONED.search(settings.upstream.raw_path):
+    if settings.upstream.raw_path in ("", "/"):
         base += "/v2"
     return f"{base}/studies?limit=1"
 
@@ -77,7 +76,7 @@ async def _check_token(settings: Settings, findings: list[Finding], which: Calla
         async with credential:
             info = await credential.get_token_info(settings.scope, options=options)
     except AzureError as error:
-        message = (error.message or str(error)).strip().splitlines()[0]
+        message = first_line(error.message or str(error))
         fix = "run 'az login'" if settings.credential == "cli" else f"check the {settings.credential} credential"
         findings.append(Finding(False, "signed in", message, fix))
         return None

@@ -19,6 +19,7 @@ from aiohttp import web
 from multidict import CIMultiDict
 from yarl import URL
 
+from .auth import Answer, token_flow
 from .errors import (
     ClientTimeout,
     RequestRefused,
@@ -122,17 +123,20 @@ class Forwarder:
     async def __call__(self, request: web.BaseRequest) -> web.StreamResponse:
         url = self.upstream_url(request.raw_path)
         body = await self._request_body(request)
-        token = await self._tokens.get()
-        upstream = await self._send(request, url, token, body)
-        if upstream.status == 401:
-            retry = self._tokens.refused(token, _challenge_description(upstream))
-            if retry and not isinstance(body, AsyncIterator):
-                upstream.release()
-                logger.info("upstream refused the token (401); retrying once with a fresh token")
-                token = await self._tokens.get()
+        flow = token_flow(self._tokens, replayable=not isinstance(body, AsyncIterator))
+        token = await anext(flow)
+        while True:
+            try:
                 upstream = await self._send(request, url, token, body)
-        if upstream.status != 401:
-            self._tokens.accepted()
+            except BaseException:
+                await flow.aclose()
+                raise
+            reason = _challenge_description(upstream) if upstream.status == 401 else ""
+            try:
+                token = await flow.asend(Answer(upstream.status, reason))
+            except StopAsyncIteration:
+                break
+            upstream.release()
         if upstream.status == 101:
             upstream.close()
             raise UpstreamUnreachable("the service answered 101 Switching Protocols, which the proxy does not relay")

@@ -214,9 +214,9 @@ class TokenSource:
         try:
             info = await self._credential.get_token_info(self._scope, options=options)
         except AzureError as exc:
-            raise self._failed(_first_line(exc.message or str(exc)), started) from exc
+            raise self._failed(first_line(exc.message or str(exc)), started) from exc
         except Exception as exc:  # noqa: BLE001 - any failure must back off, never end the refresher
-            raise self._failed(f"{type(exc).__name__}: {_first_line(str(exc))}", started) from exc
+            raise self._failed(f"{type(exc).__name__}: {first_line(str(exc))}", started) from exc
         now = self._clock()
         if info.expires_on - now <= self._expiry_margin:
             # Using it would fail at once and fetching again at once would loop: a failure with backoff.
@@ -271,6 +271,6 @@ class TokenSource:
                 self._retry_at = self._clock() + self._max_backoff
 
 
-def _first_line(message: str) -> str:
+def first_line(message: str) -> str:
     """azure-identity appends troubleshooting links on later lines; one line reads better in a log."""
     return message.strip().splitlines()[0] if message.strip() else "unknown error"

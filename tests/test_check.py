@@ -5,6 +5,8 @@ from __future__ import annotations
 import subprocess
 import sys
 
+import pytest
+
 from .conftest import free_port
 
 
@@ -52,6 +54,7 @@ def test_logged_out(proxy_env, upstream, ca_bundle, az):
     assert found["signed in"].startswith("FAIL") and "fix: run 'az login'" in found["signed in"]
     assert found["upstream reachable"].startswith("ok")
     assert "upstream accepts the token" not in found
+    assert "get_token_info" not in result.stdout + result.stderr, "azure-identity's own warning repeats the finding"
 
 
 def test_az_missing(proxy_env, upstream, ca_bundle, tmp_path):
@@ -66,6 +69,7 @@ def test_wrong_audience_is_named(proxy_env, upstream, ca_bundle, az):
     assert result.returncode == 1
     found = lines(result)
     assert found["audience"].startswith("FAIL  audience: the token is for https://management.azure.com")
+    assert "dicom.healthcareapis" not in found["signed in"], "signed in must not claim the DICOM audience"
     assert "401, wrong audience" in found["upstream accepts the token"]
     assert "--audience https://dicom.healthcareapis.azure.com" in found["upstream accepts the token"]
 
@@ -86,3 +90,33 @@ def test_untrusted_tls_and_unreachable_upstreams(proxy_env, upstream, ca_bundle)
     assert down.returncode == 1
     assert lines(down)["upstream reachable"].startswith("FAIL")
     assert "Traceback" not in untrusted.stderr + down.stderr
+
+
+@pytest.mark.parametrize(
+    ("upstream", "probe"),
+    [
+        (
+            "https://ws-svc.dicom.azurehealthcareapis.com",
+            "https://ws-svc.dicom.azurehealthcareapis.com/v2/studies?limit=1",
+        ),
+        (
+            "https://ws-svc.dicom.azurehealthcareapis.com/v1",
+            "https://ws-svc.dicom.azurehealthcareapis.com/v1/studies?limit=1",
+        ),
+        ("http://127.0.0.1:8042/dicom-web", "http://127.0.0.1:8042/dicom-web/studies?limit=1"),
+    ],
+)
+def test_check_probes_the_base_a_viewer_uses(upstream, probe):
+    from yarl import URL
+
+    from proxy.check import probe_url
+    from proxy.settings import Settings
+
+    assert probe_url(Settings(upstream=URL(upstream))) == probe
+
+
+def test_a_blank_credential_message_does_not_break_the_diagnosis():
+    from proxy.tokens import first_line
+
+    assert first_line("  \n") == "unknown error"
+    assert first_line("ERROR: Please run 'az login'.\nMore at https://aka.ms/...") == "ERROR: Please run 'az login'."
