@@ -16,7 +16,7 @@ import contextlib
 import json
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
@@ -85,6 +85,7 @@ class TokenSource:
         min_refresh_interval: float = 10.0,
         max_backoff: float = 60.0,
         clock: Callable[[], float] = time.time,
+        sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
         on_acquisition: AcquisitionHook | None = None,
     ) -> None:
         self._credential = credential
@@ -96,6 +97,7 @@ class TokenSource:
         self._min_refresh_interval = min_refresh_interval
         self._max_backoff = max_backoff
         self._clock = clock
+        self._sleep = sleep
         self._on_acquisition = on_acquisition
         # A token leaves the cache `expiry_margin` seconds before it expires, so that a token handed out
         # is still valid by the time the upstream checks it.
@@ -261,7 +263,7 @@ class TokenSource:
         while True:
             token = self._cache.get(self._key)
             wake_at = max(token.refresh_at if token else 0.0, self._retry_at)
-            await asyncio.sleep(max(0.0, wake_at - self._clock()))
+            await self._sleep(max(0.0, wake_at - self._clock()))
             try:
                 await self._acquire()
             except TokenUnavailable:

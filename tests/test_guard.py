@@ -415,3 +415,23 @@ def test_two_origin_headers_are_refused(start_proxy, upstream):
     )
     assert status_line(answer) == b"HTTP/1.1 400 Bad Request"
     assert upstream.seen == []
+
+
+def test_a_preflight_needs_no_key_since_browsers_never_send_one(start_proxy, upstream, key_file):
+    proxy = start_proxy("--access-key-file", str(key_file), "--cors-origin", "https://viewer.example.org")
+    preflight = requests.options(
+        f"{proxy.url}/echo/v2/studies",
+        headers={
+            "Origin": "https://viewer.example.org",
+            "Access-Control-Request-Method": "GET",
+            "Access-Control-Request-Headers": "authorization, accept",
+        },
+        timeout=10,
+    )
+    assert preflight.status_code == 204
+    assert preflight.headers["Access-Control-Allow-Origin"] == "https://viewer.example.org"
+    assert "authorization" in preflight.headers["Access-Control-Allow-Headers"].lower()
+    # The request itself still needs the key.
+    get = requests.get(f"{proxy.url}/echo/v2/studies", headers={"Origin": "https://viewer.example.org"}, timeout=10)
+    assert get.status_code == 401
+    assert upstream.seen == []

@@ -119,7 +119,12 @@ def test_stow_retrieve_urls_point_at_the_proxy_and_other_hosts_stay(start_proxy,
     body = answer.json()
     assert body["00081190"]["Value"] == [f"{proxy.url}/v2/studies/1.2.3"]
     items = [item["00081190"]["Value"][0] for item in body["00081199"]["Value"]]
-    assert items == [f"{proxy.url}/v2/studies/1.2.3/series/4/instances/5", "https://other.example/v2/studies/1.2.3"]
+    assert items == [
+        f"{proxy.url}/v2/studies/1.2.3/series/4/instances/5",
+        "https://other.example/v2/studies/1.2.3",
+        f"{proxy.url}/v2/studies/1.2.3/series/4/instances/6",
+        f"{proxy.url}/v2/studies/1.2.3/series/7/instances/8",
+    ]
     assert body["00081196"] == {"vr": "US", "Value": [0]}
     assert upstream.url not in answer.text
 

@@ -93,21 +93,6 @@ async def test_no_request_runs_az_once_warm(start_proxy, az, upstream):
     assert az.calls == 1
 
 
-async def test_the_token_is_refreshed_in_the_background_before_it_expires(start_proxy, az, upstream):
-    # 302 s of life with the default 300 s margin: the refresh is due two seconds after start-up.
-    az.configure(lifetime=302)
-    proxy = start_proxy()
-    # The stand-in logs a call when it starts; the proxy holds the new token only once it logs it.
-    wait_for(lambda: proxy.output().count("token acquired") >= 2, timeout=20, what="a background refresh")
-    async with aiohttp.ClientSession() as client:
-        async with client.get(f"{proxy.url}/echo/after-refresh") as response:
-            assert response.status == 200
-    tokens = az.issued_tokens()
-    assert upstream.seen[-1].header("Authorization") == f"Bearer {tokens[-1]}"
-    assert len(upstream.seen) == 1  # no request was needed to trigger it
-    assert "token acquired" in proxy.output()
-
-
 @pytest.mark.parametrize(
     ("mode", "detail"),
     [("logged_out", "Please run 'az login'"), ("fail", "AADSTS700082"), ("garbage", "Unexpected output")],
@@ -340,3 +325,69 @@ def test_az_is_stopped_when_the_proxy_stops(start_proxy, az, upstream):
     wait_for(lambda: az.running(), what="the start-up az run")
     assert proxy.stop() == 0
     wait_for(lambda: az.running() == [], timeout=5, what="az to be stopped with the proxy")
+
+
+# The refresher's timing and the shared acquisition, with a fake clock: milliseconds, not minutes --------
+
+
+class FakeSleep:
+    """Records each sleep and moves the fake clock instead of waiting; after `limit` sleeps it blocks."""
+
+    def __init__(self, clock: Clock, limit: int) -> None:
+        self.clock, self.limit, self.sleeps = clock, limit, []
+        self.blocked = asyncio.Event()
+
+    async def __call__(self, seconds: float) -> None:
+        self.sleeps.append(seconds)
+        if len(self.sleeps) > self.limit:
+            self.blocked.set()
+            await asyncio.Event().wait()
+        self.clock.now += seconds
+        await asyncio.sleep(0)
+
+
+async def test_the_refresher_renews_the_token_before_it_expires_without_a_request():
+    clock = Clock()
+    credential = FakeCredential(3600, clock=clock)
+    sleep = FakeSleep(clock, limit=2)
+    source = TokenSource(credential, SCOPE, clock=clock, sleep=sleep)
+    source.start()
+    await asyncio.wait_for(sleep.blocked.wait(), 5)
+    await source.close()
+    # Start-up fetches at once, then each token is renewed 300 s (the refresh margin) before it expires.
+    assert sleep.sleeps == [0.0, 3300.0, 3300.0]  # the third is where the test holds it
+    assert credential.calls == 2
+
+
+async def test_failures_back_off_one_second_doubling_to_a_minute():
+    clock = Clock()
+    credential = FakeCredential(OSError("az is not there"), clock=clock)
+    sleep = FakeSleep(clock, limit=9)
+    source = TokenSource(credential, SCOPE, clock=clock, sleep=sleep)
+    source.start()
+    await asyncio.wait_for(sleep.blocked.wait(), 5)
+    await source.close()
+    assert sleep.sleeps == [0.0, 1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 60.0, 60.0, 60.0]
+    assert "az is not there" in str(source.last_error)
+
+
+async def test_a_caller_that_goes_away_does_not_cancel_the_shared_acquisition():
+    release = asyncio.Event()
+
+    class SlowCredential(FakeCredential):
+        async def get_token_info(self, *scopes: str, options: object = None) -> object:
+            await release.wait()
+            return await super().get_token_info(*scopes, options=options)
+
+    clock = Clock()
+    credential = SlowCredential(3600, clock=clock)
+    source = TokenSource(credential, SCOPE, clock=clock)
+    leaving = asyncio.create_task(source.get())
+    staying = asyncio.create_task(source.get())
+    await asyncio.sleep(0.01)
+    leaving.cancel()  # a client that disconnects while the token is being fetched
+    await asyncio.sleep(0.01)
+    release.set()
+    assert await asyncio.wait_for(staying, 5) == "token-1"
+    assert leaving.cancelled()
+    assert credential.calls == 1

@@ -187,9 +187,12 @@ class Upstream:
             "00081190": {"vr": "UR", "Value": [self.link(request, study)]},
             "00081199": {
                 "vr": "SQ",
+                # Several of the service's own links around another host's: every item must be rewritten.
                 "Value": [
                     {"00081190": {"vr": "UR", "Value": [self.link(request, f"{study}/series/4/instances/5")]}},
                     {"00081190": {"vr": "UR", "Value": ["https://other.example/v2/studies/1.2.3"]}},
+                    {"00081190": {"vr": "UR", "Value": [self.link(request, f"{study}/series/4/instances/6")]}},
+                    {"00081190": {"vr": "UR", "Value": [self.link(request, f"{study}/series/7/instances/8")]}},
                 ],
             },
             "00081196": {"vr": "US", "Value": [0]},
