@@ -14,7 +14,7 @@ from typing import Any, NoReturn
 
 from . import __version__
 from .errors import ConfigurationError
-from .settings import CREDENTIAL_KINDS, LOG_FORMATS, Settings, build_settings
+from .settings import CONFIG_ENV, OPTIONS, Settings, build_settings, default_text
 
 
 class _Parser(argparse.ArgumentParser):
@@ -40,54 +40,27 @@ def parser() -> argparse.ArgumentParser:
 
 
 def _add_options(command: argparse.ArgumentParser) -> None:
-    add = command.add_argument
-    add("--config", metavar="FILE", help="TOML file with the settings below (env DICOM_PROXY_CONFIG)")
-    add("--upstream", metavar="URL", help="DICOM service base URL (env DICOM_PROXY_UPSTREAM; required)")
-    add("--listen", metavar="HOST:PORT", help="where to listen (default 127.0.0.1:8080)")
-    add("--credential", choices=CREDENTIAL_KINDS, help="azure-identity credential (default cli)")
-    add("--tenant", metavar="ID", help="tenant to request the token from")
-    add("--audience", metavar="URL", help="token resource (default https://dicom.healthcareapis.azure.com)")
-    add("--ca-bundle", metavar="FILE", help="extra CA certificates for the upstream's TLS")
-    add("--read-only", action="store_true", default=None, help="only GET, HEAD and OPTIONS reach the upstream")
-    add("--cors-origin", dest="cors_origins", action="append", metavar="ORIGIN", help="allowed browser origin")
-    add("--allow-host", dest="allowed_hosts", action="append", metavar="NAME", help="extra accepted Host")
-    add("--access-key-file", metavar="FILE", help="file holding the key local clients must present")
-    add(
-        "--allow-unauthenticated-remote",
-        action="store_true",
-        default=None,
-        help="listen on a non-loopback address without an access key: anyone who reaches it acts as you",
-    )
-    add(
-        "--insecure-upstream",
-        action="store_true",
-        default=None,
-        help="allow a plain http:// upstream on another machine: the token crosses the network in clear",
-    )
-    add("--log-format", choices=LOG_FORMATS, help="text (default) or json")
-    add("--connect-timeout", metavar="SECONDS", type=float, help="upstream connect timeout (default 10)")
-    add("--read-timeout", metavar="SECONDS", type=float, help="upstream idle read timeout (default 300)")
-    add(
-        "--no-rewrite",
-        dest="rewrite",
-        action="store_false",
-        default=None,
-        help="pass upstream URLs in headers and bodies through unchanged",
-    )
-    add(
-        "--rewrite-limit",
-        dest="rewrite_limit_mib",
-        metavar="MIB",
-        type=float,
-        help="no longer used: bodies of any size are rewritten as they stream (accepted for old configurations)",
-    )
-    add("--shutdown-grace", metavar="SECONDS", type=float, help="time in-flight requests get on SIGTERM (default 30)")
-    add(
-        "--workers",
-        metavar="N",
-        type=int,
-        help="processes sharing the port, each with its own token (default 1; more helps small requests on many cores)",
-    )
+    """One argument per option of settings.OPTIONS, its help ending with the Settings default."""
+    command.add_argument("--config", metavar="FILE", help=f"TOML file with the settings below (env {CONFIG_ENV})")
+    for option in OPTIONS:
+        if option.flag is None:
+            continue
+        default = default_text(option)
+        help_text = f"{option.help} (env {option.env}" + (f"; default {default})" if default else ")")
+        if option.kind == "bool":
+            action = "store_false" if option.negates else "store_true"
+            command.add_argument(option.flag, dest=option.name, action=action, default=None, help=help_text)
+        elif option.kind == "list":
+            command.add_argument(option.flag, dest=option.name, action="append", metavar=option.metavar, help=help_text)
+        else:
+            command.add_argument(
+                option.flag,
+                dest=option.name,
+                metavar=option.metavar,
+                choices=option.choices or None,
+                type={"float": float, "int": int}.get(option.kind, str),
+                help=help_text,
+            )
 
 
 def load_settings(arguments: argparse.Namespace, environ: Mapping[str, str]) -> Settings:

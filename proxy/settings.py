@@ -6,6 +6,7 @@ environment or the config file, and everything downstream receives the frozen `S
 
 from __future__ import annotations
 
+import dataclasses
 import ipaddress
 import math
 import re
@@ -14,7 +15,7 @@ import tomllib
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 # Untyped in typeshed, but public and documented; it reads only the mapping it is given.
 from urllib.request import proxy_bypass_environment  # type: ignore[attr-defined]
@@ -86,43 +87,95 @@ class Settings:
         return f"http://{host}:{self.listen_port}"
 
 
+OptionKind = Literal["str", "bool", "list", "float", "int"]
+
+
 @dataclass(frozen=True)
 class Option:
-    """One setting as it is spelled on each source."""
+    """One setting as it is spelled on each source; the CLI's parser is built from these.
+
+    `name` is the TOML key and the Settings field it feeds (or the field's source, e.g. `listen`).
+    `flag` is None for a setting that only the environment or the file can give (a secret).
+    `negates`: the flag turns a setting that is on by default off (`--no-rewrite`).
+    """
 
     name: str
-    flag: str
+    flag: str | None
     env: str
-    kind: str = "str"  # str | bool | list | float | int
+    help: str
+    kind: OptionKind = "str"
+    metavar: str | None = None
+    choices: tuple[str, ...] = ()
+    negates: bool = False
 
 
 OPTIONS = (
-    Option("upstream", "--upstream", "DICOM_PROXY_UPSTREAM"),
-    Option("listen", "--listen", "DICOM_PROXY_LISTEN"),
-    Option("credential", "--credential", "DICOM_PROXY_CREDENTIAL"),
-    Option("tenant", "--tenant", "DICOM_PROXY_TENANT"),
-    Option("audience", "--audience", "DICOM_PROXY_AUDIENCE"),
-    Option("ca_bundle", "--ca-bundle", "DICOM_PROXY_CA_BUNDLE"),
-    Option("read_only", "--read-only", "DICOM_PROXY_READ_ONLY", "bool"),
-    Option("cors_origins", "--cors-origin", "DICOM_PROXY_CORS_ORIGINS", "list"),
-    Option("allowed_hosts", "--allow-host", "DICOM_PROXY_ALLOWED_HOSTS", "list"),
-    Option("access_key", "--access-key", "DICOM_PROXY_ACCESS_KEY"),
-    Option("access_key_file", "--access-key-file", "DICOM_PROXY_ACCESS_KEY_FILE"),
-    Option(
-        "allow_unauthenticated_remote",
-        "--allow-unauthenticated-remote",
-        "DICOM_PROXY_ALLOW_UNAUTHENTICATED_REMOTE",
-        "bool",
-    ),
-    Option("insecure_upstream", "--insecure-upstream", "DICOM_PROXY_INSECURE_UPSTREAM", "bool"),
-    Option("log_format", "--log-format", "DICOM_PROXY_LOG_FORMAT"),
-    Option("connect_timeout", "--connect-timeout", "DICOM_PROXY_CONNECT_TIMEOUT", "float"),
-    Option("read_timeout", "--read-timeout", "DICOM_PROXY_READ_TIMEOUT", "float"),
-    Option("shutdown_grace", "--shutdown-grace", "DICOM_PROXY_SHUTDOWN_GRACE", "float"),
-    Option("workers", "--workers", "DICOM_PROXY_WORKERS", "int"),
-    Option("rewrite", "--no-rewrite", "DICOM_PROXY_REWRITE", "bool"),
-    Option("rewrite_limit_mib", "--rewrite-limit", "DICOM_PROXY_REWRITE_LIMIT_MIB", "float"),
-)
+    Option("upstream", "--upstream", "DICOM_PROXY_UPSTREAM", "DICOM service base URL (required)", metavar="URL"),
+    Option("listen", "--listen", "DICOM_PROXY_LISTEN", "where to listen", metavar="HOST:PORT"),
+    Option("credential", "--credential", "DICOM_PROXY_CREDENTIAL", "azure-identity credential",
+           choices=CREDENTIAL_KINDS),
+    Option("tenant", "--tenant", "DICOM_PROXY_TENANT", "tenant to request the token from", metavar="ID"),
+    Option("audience", "--audience", "DICOM_PROXY_AUDIENCE", "token resource", metavar="URL"),
+    Option("ca_bundle", "--ca-bundle", "DICOM_PROXY_CA_BUNDLE", "extra CA certificates (PEM) for the upstream's TLS",
+           metavar="FILE"),
+    Option("read_only", "--read-only", "DICOM_PROXY_READ_ONLY", "only GET, HEAD and OPTIONS reach the upstream",
+           "bool"),
+    Option("cors_origins", "--cors-origin", "DICOM_PROXY_CORS_ORIGINS", "allowed browser origin (repeat)", "list",
+           metavar="ORIGIN"),
+    Option("allowed_hosts", "--allow-host", "DICOM_PROXY_ALLOWED_HOSTS", "extra accepted Host (repeat)", "list",
+           metavar="NAME"),
+    Option("access_key", None, "DICOM_PROXY_ACCESS_KEY", "the key local clients must present"),
+    Option("access_key_file", "--access-key-file", "DICOM_PROXY_ACCESS_KEY_FILE",
+           "file holding the key local clients must present", metavar="FILE"),
+    Option("allow_unauthenticated_remote", "--allow-unauthenticated-remote",
+           "DICOM_PROXY_ALLOW_UNAUTHENTICATED_REMOTE",
+           "listen on a non-loopback address without an access key: anyone who reaches it acts as you", "bool"),
+    Option("insecure_upstream", "--insecure-upstream", "DICOM_PROXY_INSECURE_UPSTREAM",
+           "allow a plain http:// upstream on another machine: the token crosses the network in clear", "bool"),
+    Option("log_format", "--log-format", "DICOM_PROXY_LOG_FORMAT", "log lines for people or machines",
+           choices=LOG_FORMATS),
+    Option("connect_timeout", "--connect-timeout", "DICOM_PROXY_CONNECT_TIMEOUT", "upstream connect timeout",
+           "float", metavar="SECONDS"),
+    Option("read_timeout", "--read-timeout", "DICOM_PROXY_READ_TIMEOUT",
+           "longest silence from the upstream mid-answer, or from a client mid-request", "float",
+           metavar="SECONDS"),
+    Option("shutdown_grace", "--shutdown-grace", "DICOM_PROXY_SHUTDOWN_GRACE", "time in-flight requests get on SIGTERM",
+           "float", metavar="SECONDS"),
+    Option("workers", "--workers", "DICOM_PROXY_WORKERS",
+           "processes sharing the port, each with its own token (more helps small requests on many cores)", "int",
+           metavar="N"),
+    Option("rewrite", "--no-rewrite", "DICOM_PROXY_REWRITE",
+           "pass upstream URLs in headers and bodies through unchanged", "bool", negates=True),
+    Option("rewrite_limit_mib", "--rewrite-limit", "DICOM_PROXY_REWRITE_LIMIT_MIB",
+           "no longer used: bodies of any size are rewritten as they stream (accepted for old configurations)",
+           "float", metavar="MIB"),
+)  # fmt: skip
+
+
+def default_text(option: Option) -> str:
+    """The default as a person reads it, from the Settings field itself (never written twice)."""
+    fields = {item.name: item.default for item in dataclasses.fields(Settings)}
+    if option.name == "listen":
+        return DEFAULT_LISTEN
+    if option.name == "rewrite_limit_mib":
+        return f"{fields['rewrite_limit'] // (1024 * 1024)}"  # type: ignore[operator]
+    value = fields.get(option.name)
+    if value is None or value == () or value is dataclasses.MISSING:
+        return ""
+    if isinstance(value, float) and value.is_integer():
+        return str(int(value))
+    if isinstance(value, bool):
+        return "on" if value else "off"
+    if isinstance(value, tuple):
+        return ", ".join(value)
+    return str(value)
+
+
+def default(name: str) -> Any:
+    """A Settings field's default."""
+    return next(item.default for item in dataclasses.fields(Settings) if item.name == name)
+
+
 CONFIG_FLAG, CONFIG_ENV = "--config", "DICOM_PROXY_CONFIG"
 
 
@@ -190,7 +243,7 @@ def _validate(raw: Mapping[str, Any], environ: Mapping[str, str]) -> Settings:
     upstream = _upstream_url(raw.get("upstream"), insecure_upstream)
     listen_host, listen_port = parse_listen(str(raw.get("listen", DEFAULT_LISTEN)))
 
-    credential = str(raw.get("credential", "cli"))
+    credential = str(raw.get("credential", default("credential")))
     if credential not in CREDENTIAL_KINDS:
         raise ConfigurationError(
             f"--credential: unknown credential {credential!r}; choose one of {', '.join(CREDENTIAL_KINDS)}"
@@ -199,13 +252,13 @@ def _validate(raw: Mapping[str, Any], environ: Mapping[str, str]) -> Settings:
     if tenant is not None and not _TENANT.match(tenant):
         raise ConfigurationError(f"--tenant: {tenant!r} is not a tenant ID or domain")
 
-    audience = str(raw.get("audience", DEFAULT_AUDIENCE))
+    audience = str(raw.get("audience", default("audience")))
     if URL(audience).scheme != "https" or not URL(audience).host:
         raise ConfigurationError(f"--audience: {audience!r} must be an https:// URL")
 
     ca_bundle = _ca_bundle(Path(raw["ca_bundle"])) if raw.get("ca_bundle") else None
 
-    log_format = str(raw.get("log_format", "text"))
+    log_format = str(raw.get("log_format", default("log_format")))
     if log_format not in LOG_FORMATS:
         raise ConfigurationError(f"--log-format: expected text or json, got {log_format!r}")
 
@@ -236,12 +289,12 @@ def _validate(raw: Mapping[str, Any], environ: Mapping[str, str]) -> Settings:
         insecure_upstream=insecure_upstream,
         log_format=log_format,
         upstream_proxy=_environment_proxy(upstream, environ),
-        connect_timeout=_positive(raw, "connect_timeout", 10.0),
-        read_timeout=_positive(raw, "read_timeout", 300.0),
-        shutdown_grace=_positive(raw, "shutdown_grace", 30.0),
-        workers=_workers(raw.get("workers", 1)),
-        rewrite=bool(raw.get("rewrite", True)),
-        rewrite_limit=int(_positive(raw, "rewrite_limit_mib", 32.0) * 1024 * 1024),
+        connect_timeout=_positive(raw, "connect_timeout", default("connect_timeout")),
+        read_timeout=_positive(raw, "read_timeout", default("read_timeout")),
+        shutdown_grace=_positive(raw, "shutdown_grace", default("shutdown_grace")),
+        workers=_workers(raw.get("workers", default("workers"))),
+        rewrite=bool(raw.get("rewrite", default("rewrite"))),
+        rewrite_limit=int(_positive(raw, "rewrite_limit_mib", default("rewrite_limit") / 1024 / 1024) * 1024 * 1024),
     )
 
 

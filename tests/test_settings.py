@@ -198,3 +198,28 @@ def test_argparse_errors_are_one_line_too(argv, message, capsys):
     assert error.startswith("dicom-auth-proxy")
     assert message in error
     assert error.count("\n") == 1, error
+
+
+def test_the_readme_table_and_the_example_file_list_exactly_the_options_there_are():
+    import re
+    from pathlib import Path
+
+    from proxy.settings import CONFIG_ENV, CONFIG_FLAG, OPTIONS, default_text
+
+    root = Path(__file__).parent.parent
+    readme = (root / "README.md").read_text()
+    table = readme.split("| flag | environment | default | meaning |", 1)[1].split("\n\n", 1)[0]
+    rows = [line for line in table.splitlines() if line.startswith("| `--")]
+    flags = {re.match(r"\| `(--[a-z-]+)", row).group(1) for row in rows}
+    assert flags == {option.flag for option in OPTIONS if option.flag} | {CONFIG_FLAG}
+    assert set(re.findall(r"DICOM_PROXY_[A-Z_]+", table)) == {option.env for option in OPTIONS} | {CONFIG_ENV}
+    for option in OPTIONS:
+        row = next((row for row in rows if row.startswith((f"| `{option.flag} ", f"| `{option.flag}`"))), "")
+        if option.flag and default_text(option):
+            cells = re.split(r"(?<!\\)\|", row)  # a `\|` inside a cell is not a column
+            assert default_text(option) in cells[3].replace("`", ""), (option.flag, row)
+
+    example = (root / "config" / "dicom-auth-proxy.example.toml").read_text()
+    keys = set(re.findall(r"^#? ?([a-z_]+) = ", example, flags=re.MULTILINE))
+    # The key itself belongs in the environment or a file of its own, never in the example.
+    assert keys == {option.name for option in OPTIONS} - {"access_key"}
