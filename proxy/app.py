@@ -14,8 +14,10 @@ import json
 import logging
 import resource
 import signal
+import time
 import traceback
 from collections.abc import Awaitable, Callable
+from functools import partial
 from typing import Any
 
 import aiohttp
@@ -38,6 +40,7 @@ from .guard import Guard
 from .observe import MALFORMED, REQUEST_ID, REQUEST_ID_HEADER, AccessLogger, Metrics, Readiness, health
 from .session import READ_BUFFER, upstream_session
 from .settings import Settings, is_loopback
+from .status import StatusPage, recent_requests
 from .tokens import TokenSource
 
 logger = logging.getLogger("proxy")
@@ -87,6 +90,8 @@ class Proxy:
         self.tokens: TokenSource | None = None
         self._forwarder: Forwarder | None = None
         self._local: dict[str, Endpoint] = {}
+        # The last requests, for the status page: one append per request, formatted only when shown.
+        self.recent = recent_requests()
 
     async def start(self) -> None:
         settings = self.settings
@@ -102,7 +107,20 @@ class Proxy:
         self.metrics.watch(tokens)
         self._session = self._given_session or upstream_session(settings)
         self._forwarder = Forwarder(settings, session=self._session, tokens=tokens, decorate=self.decorate)
-        self._local = {"/-/health": health, "/-/ready": Readiness(tokens), "/-/metrics": self.metrics.endpoint}
+        status = StatusPage(
+            settings,
+            tokens=tokens,
+            registry=self.metrics.registry,
+            recent=self.recent,
+            base_url=partial(viewer_base_url, settings),
+        )
+        self._local = {
+            "/-/health": health,
+            "/-/ready": Readiness(tokens),
+            "/-/metrics": self.metrics.endpoint,
+            "/-/": status.page,
+            "/-/status.json": status.json,
+        }
         tokens.start()
 
     async def close(self) -> None:
@@ -129,6 +147,10 @@ class Proxy:
                 status = response.status
                 sent = response.body_length if response.prepared else response.content_length or 0
             self.metrics.end(request, status, sent, started, request.get(UPSTREAM_FAILURE))
+            path = request.path
+            # The proxy's own endpoints stay out: the status page's refreshes would push the viewer's out.
+            if not path.startswith("/-/"):
+                self.recent.append((time.time(), request.method, path, status, time.perf_counter() - started))
 
     async def _answer(self, request: web.BaseRequest) -> web.StreamResponse:
         try:
@@ -200,6 +222,7 @@ class Proxy:
             settings.audience,
         )
         logger.info("DICOMweb base URL for viewers and scripts: %s", viewer_base_url(settings))
+        logger.info("status page: %s/-/", settings.local_url)
 
 
 async def _invite_body(request: web.BaseRequest) -> None:
@@ -309,9 +332,10 @@ def build_server(proxy: Proxy) -> web.Server:
     )
 
 
-def viewer_base_url(settings: Settings) -> str:
-    """What to paste into a viewer: the local URL, plus /v2 when the upstream is a bare Azure service root."""
-    return settings.local_url + ("/v2" if settings.upstream.raw_path in ("", "/") else "")
+def viewer_base_url(settings: Settings, origin: str | None = None) -> str:
+    """What to paste into a viewer: the local URL (or the `origin` the client used), plus /v2 when the
+    upstream is a bare Azure service root."""
+    return (origin or settings.local_url) + ("/v2" if settings.upstream.raw_path in ("", "/") else "")
 
 
 async def serve(settings: Settings, *, announce: bool = True) -> None:

@@ -114,7 +114,7 @@ class ExpectationFailed(ProxyError):
 class NotFound(ProxyError):
     status = 404
     code = "not_found"
-    hint = "Local endpoints: /-/health, /-/ready, /-/metrics."
+    hint = "Local endpoints: /-/ (status page), /-/status.json, /-/health, /-/ready, /-/metrics."
 
 
 class PolicyRefused(ProxyError):
