@@ -37,7 +37,9 @@ from .errors import (
 )
 from .forward import UPSTREAM_FAILURE, Forwarder
 from .guard import Guard
-from .observe import MALFORMED, REQUEST_ID, REQUEST_ID_HEADER, AccessLogger, Metrics, Readiness, health
+from .logs import MALFORMED, AccessLogger
+from .metrics import Metrics
+from .observe import REQUEST_ID, REQUEST_ID_HEADER, Readiness, RequestIds, health
 from .session import READ_BUFFER, upstream_session
 from .settings import Settings, is_loopback
 from .status import StatusPage, recent_requests
@@ -82,6 +84,7 @@ class Proxy:
     ) -> None:
         self.settings = settings
         self.metrics = Metrics()
+        self.request_ids = RequestIds()
         self.guard = Guard(settings)
         self._given_credential = credential
         self._given_session = session
@@ -134,7 +137,8 @@ class Proxy:
             await self._credential.close()
 
     async def __call__(self, request: web.BaseRequest) -> web.StreamResponse:
-        started = self.metrics.begin(request)
+        self.request_ids.assign(request)
+        started = self.metrics.begin()
         response: web.StreamResponse | None = None
         try:
             response = await self._answer(request)
@@ -202,7 +206,7 @@ class Proxy:
             error = RequestRefused(f"the request is not valid HTTP/1.1 ({type(exc).__name__})")
         response = error_response(error)
         response.set_status(status)
-        response.headers[REQUEST_ID_HEADER] = self.metrics.request_id()
+        response.headers[REQUEST_ID_HEADER] = self.request_ids.assign(request)
         return response
 
     def log_banner(self) -> None:

@@ -80,7 +80,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
         return run_check(settings, sys.stdout)
 
-    from .observe import configure_logging
+    from .logs import configure_logging
 
     configure_logging(settings.log_format)
 
