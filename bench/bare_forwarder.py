@@ -1,11 +1,12 @@
 """The bare forwarder of DESIGN's benchmark: the Python peer with no features, to run beside the proxy.
 
-    python bench/bare_forwarder.py UPSTREAM_URL PORT
+    python bench/bare_forwarder.py UPSTREAM_URL PORT [CA_FILE]
 
 One catch-all handler copies headers minus hop-by-hop, sets a static Authorization, makes one upstream
 request and streams the answer with iter_chunked(65536). No guard, metrics, log or rewriting.
 """
 
+import ssl
 import sys
 
 import aiohttp
@@ -32,13 +33,16 @@ async def forward(request: web.Request) -> web.StreamResponse:
         return response
 
 
-async def make_app(upstream: str) -> web.Application:
+async def make_app(upstream: str, ca_file: str | None) -> web.Application:
     app = web.Application()
     app[UPSTREAM] = upstream
-    app[SESSION] = aiohttp.ClientSession(auto_decompress=False, connector=aiohttp.TCPConnector(limit=0))
+    tls = ssl.create_default_context(cafile=ca_file) if ca_file else True
+    connector = aiohttp.TCPConnector(limit=0, ssl=tls)
+    app[SESSION] = aiohttp.ClientSession(auto_decompress=False, connector=connector)
     app.router.add_route("*", "/{tail:.*}", forward)
     return app
 
 
 if __name__ == "__main__":
-    web.run_app(make_app(sys.argv[1]), host="127.0.0.1", port=int(sys.argv[2]), access_log=None, print=None)
+    ca_file = sys.argv[3] if len(sys.argv) > 3 else None
+    web.run_app(make_app(sys.argv[1], ca_file), host="127.0.0.1", port=int(sys.argv[2]), access_log=None, print=None)

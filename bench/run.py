@@ -72,6 +72,9 @@ http {{
 UPSTREAM = """
     server {{
         listen 127.0.0.1:{port};
+        listen 127.0.0.1:{tls_port} ssl;
+        ssl_certificate {home}/upstream.pem;
+        ssl_certificate_key {home}/upstream.key;
         root {home}/files;
         location = /sink {{ client_max_body_size 0; return 204; }}
         types {{ application/dicom+json json; application/octet-stream bin; }}
@@ -84,7 +87,11 @@ BASELINE = """
         listen 127.0.0.1:{port};
         client_max_body_size 0;
         location / {{
-            proxy_pass http://service;
+            proxy_pass {scheme}://service;
+            proxy_ssl_trusted_certificate {home}/ca.pem;
+            proxy_ssl_verify on;
+            proxy_ssl_name localhost;
+            proxy_ssl_session_reuse on;
             proxy_http_version 1.1;
             proxy_set_header Connection "";
             proxy_set_header Authorization "Bearer X";
@@ -102,6 +109,8 @@ class Bench:
         self.home = Path(tempfile.mkdtemp(prefix="dicom-proxy-bench-"))
         self.home.chmod(0o755)  # nginx workers drop root and must read the files
         self.processes: list[subprocess.Popen[bytes]] = []
+        self.proxies: dict[str, subprocess.Popen[bytes]] = {}
+        self.ca = self.home / "ca.pem"
 
     def close(self) -> None:
         for process in self.processes:
@@ -132,15 +141,19 @@ class Bench:
             for _ in range(512):
                 handle.write(block)
 
-        upstream, baseline, bare, proxy = free_port(), free_port(), free_port(), free_port()
+        # The upstream over TLS too, as Azure is reached: nginx with a trustme certificate.
+        import trustme
+
+        authority = trustme.CA()
+        authority.cert_pem.write_to_path(str(self.ca))
+        issued = authority.issue_cert("127.0.0.1", "localhost")
+        issued.cert_chain_pems[0].write_to_path(str(self.home / "upstream.pem"))
+        issued.private_key_pem.write_to_path(str(self.home / "upstream.key"))
+
+        upstream, tls_upstream = free_port(), free_port()
         _write_metadata(files / "metadata.json", f"http://127.0.0.1:{upstream}", 10 * MiB)
-        self.start_nginx("upstream", UPSTREAM.format(port=upstream, home=self.home))
-        self.processes.append(
-            subprocess.Popen(
-                [sys.executable, str(ROOT / "bench" / "bare_forwarder.py"), f"http://127.0.0.1:{upstream}", str(bare)]
-            )
-        )
-        self.start_nginx("baseline", BASELINE.format(port=baseline, upstream=upstream), self.workers)
+        _write_metadata(files / "metadata-tls.json", f"https://127.0.0.1:{tls_upstream}", 10 * MiB)
+        self.start_nginx("upstream", UPSTREAM.format(port=upstream, tls_port=tls_upstream, home=self.home))
 
         az = self.home / "az-bin"
         az.mkdir()
@@ -149,21 +162,40 @@ class Bench:
         script.chmod(0o755)
         (az / "state.json").write_text("{}")
         self.az_calls = az / "calls.log"
-        env = dict(os.environ, PATH=f"{az}{os.pathsep}{os.environ['PATH']}")
+        self.env = dict(os.environ, PATH=f"{az}{os.pathsep}{os.environ['PATH']}")
         self.proxy_log = (self.home / "proxy.log").open("wb")
-        self.proxy = subprocess.Popen(
-            [sys.executable, "-m", "proxy", "serve", "--upstream", f"http://127.0.0.1:{upstream}",
-             "--listen", f"127.0.0.1:{proxy}", "--workers", str(self.workers)],
-            env=env, cwd=ROOT, stdout=self.proxy_log, stderr=subprocess.STDOUT,
-        )  # fmt: skip
-        self.processes.append(self.proxy)
-        for port in (upstream, baseline, bare, proxy):
-            wait_listening(port)
+
+        plain = self.start_forwarders("plain", f"http://127.0.0.1:{upstream}", upstream)
+        tls = self.start_forwarders("tls", f"https://127.0.0.1:{tls_upstream}", tls_upstream)
+        self.proxy = self.proxies["plain"]
+        for url in [*plain.values(), *tls.values()]:
+            wait_listening(int(url.rsplit(":", 1)[1]))
         # Warm-up: the first token, pooled connections.
-        for _ in range(50):
-            subprocess.run(["curl", "-sf", "-o", "/dev/null", f"http://127.0.0.1:{proxy}/small.json"], check=True)
+        for url in (plain["proxy"], tls["proxy"]):
+            for _ in range(50):
+                subprocess.run(["curl", "-sf", "-o", "/dev/null", f"{url}/small.json"], check=True)
+        return {**plain, **{f"{name}-tls": url for name, url in tls.items()}}
+
+    def start_forwarders(self, label: str, upstream_url: str, upstream_port: int) -> dict[str, str]:
+        """nginx, the bare forwarder and the proxy in front of `upstream_url`: their URLs by name."""
+        baseline, bare, proxy = free_port(), free_port(), free_port()
+        scheme = upstream_url.split(":", 1)[0]
+        body = BASELINE.format(port=baseline, upstream=upstream_port, scheme=scheme, home=self.home)
+        self.start_nginx(f"baseline-{label}", body, self.workers)
+        self.processes.append(
+            subprocess.Popen(
+                [sys.executable, str(ROOT / "bench" / "bare_forwarder.py"), upstream_url, str(bare), str(self.ca)]
+            )
+        )
+        process = subprocess.Popen(
+            [sys.executable, "-m", "proxy", "serve", "--upstream", upstream_url, "--ca-bundle", str(self.ca),
+             "--listen", f"127.0.0.1:{proxy}", "--workers", str(self.workers)],
+            env=self.env, cwd=ROOT, stdout=self.proxy_log, stderr=subprocess.STDOUT,
+        )  # fmt: skip
+        self.processes.append(process)
+        self.proxies[label] = process
         return {
-            "direct": f"http://127.0.0.1:{upstream}",
+            "direct": upstream_url,
             "nginx": f"http://127.0.0.1:{baseline}",
             "bare": f"http://127.0.0.1:{bare}",
             "proxy": f"http://127.0.0.1:{proxy}",
@@ -192,7 +224,8 @@ class Bench:
         speeds = []
         for _ in range(2):
             result = subprocess.run(
-                ["curl", "-sf", "-o", "/dev/null", "-w", "%{speed_download} %{size_download}", f"{url}/big.bin"],
+                ["curl", "-sf", "--cacert", str(self.ca), "-o", "/dev/null", "-w", "%{speed_download} %{size_download}",
+                 f"{url}/big.bin"],
                 capture_output=True, text=True, check=True,
             )  # fmt: skip
             speed, size = result.stdout.split()
@@ -200,14 +233,14 @@ class Bench:
             speeds.append(float(speed))
         return max(speeds)
 
-    def metadata_seconds(self, url: str) -> float:
+    def metadata_seconds(self, url: str, name: str = "metadata.json") -> float:
         """Best of five fetches of the 10 MB series metadata, in seconds."""
         times = []
         for _ in range(5):
             result = subprocess.run(
                 # What a viewer sends for series metadata.
-                ["curl", "-sf", "-H", "Accept: application/dicom+json", "-o", "/dev/null", "-w", "%{time_total}",
-                 f"{url}/metadata.json"],
+                ["curl", "-sf", "--cacert", str(self.ca), "-H", "Accept: application/dicom+json", "-o", "/dev/null",
+                 "-w", "%{time_total}", f"{url}/{name}"],
                 capture_output=True, text=True, check=True,
             )  # fmt: skip
             times.append(float(result.stdout))
@@ -302,11 +335,16 @@ def main() -> int:
             "cores": os.cpu_count(),
             "workers": arguments.workers,
         }
-        small = {f"{name}@{c}": bench.wrk(url, c) for c in (32, 256) for name, url in urls.items()}
-        metadata = {name: bench.metadata_seconds(url) for name, url in urls.items()}
+        plain = {name: url for name, url in urls.items() if not name.endswith("-tls")}
+        small = {f"{name}@{c}": bench.wrk(url, c) for c in (32, 256) for name, url in plain.items()}
+        small.update({f"{name}@32": bench.wrk(url, 32) for name, url in urls.items() if name.endswith("-tls")})
+        metadata = {
+            name: bench.metadata_seconds(url, "metadata-tls.json" if name.endswith("-tls") else "metadata.json")
+            for name, url in urls.items()
+        }
         metadata_peak = bench.peak_rss_under(f"{urls['proxy']}/metadata.json", 16, "application/dicom+json")
         downloads = {name: bench.download(url) for name, url in urls.items()}
-        uploads = {name: bench.upload(url) for name, url in urls.items()}
+        uploads = {name: bench.upload(url) for name, url in plain.items()}
         peak = bench.peak_rss_under(f"{urls['proxy']}/big.bin", 4)
         report.update(
             small_get=small,
@@ -322,6 +360,10 @@ def main() -> int:
             "small_get_vs_bare@256": small["proxy@256"]["requests_per_second"]
             / small["bare@256"]["requests_per_second"],
             "metadata_vs_bare": metadata["proxy"] / metadata["bare"],
+            "small_get_vs_bare_tls@32": small["proxy-tls@32"]["requests_per_second"]
+            / small["bare-tls@32"]["requests_per_second"],
+            "metadata_vs_bare_tls": metadata["proxy-tls"] / metadata["bare-tls"],
+            "download_vs_direct_tls": downloads["proxy-tls"] / downloads["direct-tls"],
             "small_get_vs_nginx@32": small["proxy@32"]["requests_per_second"]
             / small["nginx@32"]["requests_per_second"],
             "small_get_vs_nginx@256": small["proxy@256"]["requests_per_second"]
@@ -379,6 +421,15 @@ def table(report: dict[str, object]) -> str:
     lines.append(row("10 MB series metadata (best of 5)", [f"{metadata[name] * 1000:.1f} ms" for name in NAMES]))
     lines.append(row("1 GiB download", [f"{downloads[name] / 1e9:.2f} GB/s" for name in NAMES]))
     lines.append(row("512 MiB upload", [f"{uploads[name] / 1e9:.2f} GB/s" for name in NAMES]))
+    tls = [f"{name}-tls" for name in NAMES]
+    lines.append(
+        row(
+            "TLS upstream: small GET, 32 connections",
+            [f"{small[f'{n}@32']['requests_per_second']:,.0f} req/s" for n in tls],
+        )
+    )
+    lines.append(row("TLS upstream: 10 MB series metadata", [f"{metadata[n] * 1000:.1f} ms" for n in tls]))
+    lines.append(row("TLS upstream: 1 GiB download", [f"{downloads[n] / 1e9:.2f} GB/s" for n in tls]))
     lines += [
         "",
         f"proxy peak RSS, four 1 GiB downloads at once: {report['proxy_peak_rss_mib_four_downloads']} MiB",
