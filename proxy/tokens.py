@@ -99,10 +99,11 @@ class TokenSource:
         self._clock = clock
         self._sleep = sleep
         self._on_acquisition = on_acquisition
-        # A token leaves the cache `expiry_margin` seconds before it expires, so that a token handed out
-        # is still valid by the time the upstream checks it.
+        # One entry, for this source's (credential, scope, tenant). The cache is for its per-item time to
+        # use: a token leaves it `expiry_margin` seconds before it expires, on the injected clock, so that a
+        # token handed out is still valid by the time the upstream checks it, with no expiry check of ours.
         self._cache: TLRUCache[CacheKey, Token] = TLRUCache(
-            maxsize=4, ttu=lambda _key, token, _now: token.expires_on - expiry_margin, timer=clock
+            maxsize=1, ttu=lambda _key, token, _now: token.expires_on - expiry_margin, timer=clock
         )
         self._expiry_margin = expiry_margin
         self._inflight: asyncio.Future[Token] | None = None

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import json
 import socket
+import time
 from pathlib import Path
 
 import requests
@@ -48,3 +50,50 @@ def test_workers_that_cannot_listen_end_the_supervisor_with_an_error(start_proxy
         assert proxy.process.wait(30) == 1
     assert "cannot listen on 127.0.0.1" in proxy.output()
     assert processes_with(f"127.0.0.1:{port}") == []
+
+
+async def test_the_proxy_runs_in_process_with_an_injected_credential_and_session(upstream, ca_bundle):
+    """The seams: a credential and a session handed in, the real handler on a real socket."""
+    import ssl
+
+    import aiohttp
+    from aiohttp import web
+    from azure.core.credentials import AccessTokenInfo
+    from yarl import URL
+
+    from proxy.app import Proxy, build_server
+    from proxy.settings import Settings
+
+    from .az_stub import b64
+
+    claims = {"aud": "https://dicom.healthcareapis.azure.com", "tid": "t", "exp": int(time.time()) + 3600}
+    token = f"{b64(b'{}')}.{b64(json.dumps(claims).encode())}.in-process"
+
+    class Credential:
+        calls = 0
+
+        async def get_token_info(self, *scopes: str, options: object = None) -> AccessTokenInfo:
+            Credential.calls += 1
+            return AccessTokenInfo(token, claims["exp"])
+
+    upstream.issued_tokens = lambda: [token]  # the fake service admits what this credential gives
+    credential = Credential()
+    connector = aiohttp.TCPConnector(ssl=ssl.create_default_context(cafile=str(ca_bundle)))
+    async with aiohttp.ClientSession(connector=connector, auto_decompress=False) as session:
+        proxy = Proxy(Settings(upstream=URL(upstream.url)), credential=credential, session=session)
+        await proxy.start()
+        runner = web.ServerRunner(build_server(proxy))
+        await runner.setup()
+        site = web.TCPSite(runner, "127.0.0.1", 0)
+        await site.start()
+        port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+        try:
+            async with aiohttp.ClientSession() as client:
+                async with client.get(f"http://127.0.0.1:{port}/echo/v2/studies") as response:
+                    assert response.status == 200
+        finally:
+            await runner.cleanup()
+            await proxy.close()
+        assert not session.closed, "a session handed in stays the caller's"
+    assert upstream.seen[-1].header("Authorization") == f"Bearer {token}"
+    assert credential.calls == 1
