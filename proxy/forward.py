@@ -77,10 +77,9 @@ def local_origin(request: web.BaseRequest) -> str:
     from it would point at port 80, so the port the connection arrived on fills the gap.
     """
     host = request.host
-    try:
-        has_port = URL(f"//{host}").explicit_port is not None
-    except ValueError:
-        has_port = True  # leave a Host yarl cannot read as it is
+    name, colon, port = host.rpartition(":")
+    # "[::1]" ends in a colon-free "1]": only digits after a colon outside the brackets are a port.
+    has_port = bool(colon) and port.isdigit() and (not name.startswith("[") or name.endswith("]"))
     if not has_port and request.transport is not None:
         sockname = request.transport.get_extra_info("sockname")
         if sockname and sockname[1] not in (80, 443):

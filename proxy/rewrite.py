@@ -72,6 +72,7 @@ def upstream_path(base_path: str, raw_target: str) -> str:
     return base_path + raw_target
 
 
+@cached(LRUCache(maxsize=64))
 def mapping_for(upstream_origin: str, base_path: str, local_origin: str) -> BaseMapping:
     """The rewrite for a request: the upstream root (base without version) maps onto the local root.
 

@@ -375,3 +375,25 @@ def test_a_small_answer_cut_by_the_upstream_gets_a_clear_502(start_proxy, upstre
     response, body = get(proxy.url, "/reset/100000")
     assert response.status == 502
     assert json.loads(body)["error"] == "upstream_unreachable"
+
+
+@pytest.mark.parametrize(
+    ("host", "origin"),
+    [
+        ("localhost", "http://localhost:8080"),
+        ("localhost:8080", "http://localhost:8080"),
+        ("127.0.0.1:9000", "http://127.0.0.1:9000"),
+        ("[::1]", "http://[::1]:8080"),
+        ("[::1]:8080", "http://[::1]:8080"),
+    ],
+)
+def test_the_local_origin_takes_the_connections_port_when_the_host_has_none(host, origin):
+    from unittest.mock import Mock
+
+    from aiohttp.test_utils import make_mocked_request
+
+    from proxy.forward import local_origin
+
+    transport = Mock()
+    transport.get_extra_info.return_value = ("127.0.0.1", 8080)
+    assert local_origin(make_mocked_request("GET", "/v2", headers={"Host": host}, transport=transport)) == origin
