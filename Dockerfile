@@ -42,6 +42,8 @@ USER 10001:10001
 WORKDIR /home/dicomproxy
 
 EXPOSE 8080
+# The DIMSE gateway's port, used only when it is started with --dimse-listen 0.0.0.0:11112 (and --dimse-allow).
+EXPOSE 11112
 # The image's own Python asks /-/health on the port that DICOM_PROXY_LISTEN names (no key needed there).
 HEALTHCHECK --interval=30s --timeout=5s --start-period=10s --retries=3 \
     CMD ["python3", "-c", "import os, urllib.request; port = os.environ.get('DICOM_PROXY_LISTEN', ':8080').rsplit(':', 1)[1]; urllib.request.urlopen(f'http://127.0.0.1:{port}/-/health', timeout=4)"]

@@ -18,7 +18,7 @@ import time
 import traceback
 from collections.abc import Awaitable, Callable
 from functools import partial
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import aiohttp
 from aiohttp import web
@@ -44,6 +44,9 @@ from .session import READ_BUFFER, upstream_session
 from .settings import Settings, is_loopback
 from .status import StatusPage, recent_requests
 from .tokens import TokenSource
+
+if TYPE_CHECKING:
+    from .dimse import Gateway
 
 logger = logging.getLogger("proxy")
 
@@ -92,6 +95,7 @@ class Proxy:
         self._session: aiohttp.ClientSession | None = None
         self.tokens: TokenSource | None = None
         self._forwarder: Forwarder | None = None
+        self._gateway: Gateway | None = None
         self._local: dict[str, Endpoint] = {}
         # The last requests, for the status page: one append per request, formatted only when shown.
         self.recent = recent_requests()
@@ -125,8 +129,18 @@ class Proxy:
             "/-/status.json": status.json,
         }
         tokens.start()
+        if settings.dimse_listen is not None:
+            # Imported only when asked for: pynetdicom and pydicom cost start-up time the HTTP side never needs.
+            from .dimse import DicomWebClient, Gateway
+
+            client = DicomWebClient(settings, session=self._session, tokens=tokens)
+            self._gateway = Gateway(settings, client=client, metrics=self.metrics)
+            self._gateway.start()
 
     async def close(self) -> None:
+        # The gateway first: its associations still use the token source and the session.
+        if self._gateway is not None:
+            await self._gateway.close()
         if self.tokens is not None:
             await self.tokens.close()
         # An `az` cancelled mid-run keeps running otherwise (azure-identity does not stop it).

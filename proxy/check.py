@@ -46,10 +46,7 @@ class Finding:
 
 def probe_url(settings: Settings) -> str:
     """An authorised, cheap QIDO-RS query at the base a viewer uses (/v2 added only to a bare service root)."""
-    base = str(settings.upstream).rstrip("/")
-    if settings.upstream.raw_path in ("", "/"):
-        base += "/v2"
-    return f"{base}/studies?limit=1"
+    return f"{str(settings.upstream_dicomweb).rstrip('/')}/studies?limit=1"
 
 
 async def diagnose(settings: Settings, *, which: Callable[[str], str | None] = shutil.which) -> list[Finding]:

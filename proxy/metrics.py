@@ -41,6 +41,19 @@ class Metrics:
             "Seconds until the held token expires (0: none held)",
             registry=registry,
         )
+        # Updated from the DIMSE gateway's threads: prometheus-client's own counters take the lock they need.
+        self.dimse_operations = Counter(
+            "dicom_proxy_dimse_operations",
+            "DIMSE operations answered by the gateway, by operation and final status",
+            ["operation", "status"],
+            registry=registry,
+        )
+        self.dimse_associations = Counter(
+            "dicom_proxy_dimse_associations",
+            "DIMSE associations requested, by result (accepted, rejected)",
+            ["result"],
+            registry=registry,
+        )
 
     def record_acquisition(self, result: str, seconds: float) -> None:
         self.token_acquisitions.labels(result=result).inc()

@@ -29,6 +29,7 @@ DEFAULT_LISTEN = "127.0.0.1:8080"
 CREDENTIAL_KINDS = ("cli", "default", "environment", "managed-identity", "workload-identity")
 LOG_FORMATS = ("text", "json")
 LOOPBACK_NAMES = ("localhost", "127.0.0.1", "[::1]")
+DEFAULT_DIMSE_AET = "DICOMPROXY"
 
 _TRUE = {"1", "true", "yes", "on"}
 _FALSE = {"0", "false", "no", "off", ""}
@@ -72,6 +73,12 @@ class Settings:
     # Refresh this long before expiry when the credential gives no refresh_on (azure-core uses 300 s).
     refresh_margin: float = 300.0
     az_timeout: int = 10
+    # The DIMSE gateway (proxy/dimse/): off unless dimse_listen is given. dimse_allow holds (AE title, IP or
+    # None) pairs; move_destinations maps an AE title to where C-MOVE sends (never taken from the request).
+    dimse_listen: tuple[str, int] | None = None
+    dimse_aet: str = DEFAULT_DIMSE_AET
+    dimse_allow: tuple[tuple[str, str | None], ...] = ()
+    move_destinations: tuple[tuple[str, str, int], ...] = ()
 
     @property
     def scope(self) -> str:
@@ -85,6 +92,13 @@ class Settings:
         elif ":" in host:
             host = f"[{host}]"
         return f"http://{host}:{self.listen_port}"
+
+    @property
+    def upstream_dicomweb(self) -> URL:
+        """The DICOMweb base at the service, as a viewer uses it: the upstream plus /v2 when it is a bare root."""
+        if self.upstream.raw_path in ("", "/"):
+            return self.upstream.with_path("/v2")
+        return self.upstream
 
 
 OptionKind = Literal["str", "bool", "list", "float", "int"]
@@ -149,6 +163,16 @@ OPTIONS = (
     Option("rewrite_limit_mib", "--rewrite-limit", "DICOM_PROXY_REWRITE_LIMIT_MIB",
            "no longer used: bodies of any size are rewritten as they stream (accepted for old configurations)",
            "float", metavar="MIB"),
+    Option("dimse_listen", "--dimse-listen", "DICOM_PROXY_DIMSE_LISTEN",
+           "where the DIMSE gateway listens for C-ECHO/STORE/FIND/GET/MOVE (off unless given)", metavar="HOST:PORT"),
+    Option("dimse_aet", "--dimse-aet", "DICOM_PROXY_DIMSE_AET",
+           "the called AE title the DIMSE gateway answers to (others are rejected)", metavar="AET"),
+    Option("dimse_allow", "--dimse-allow", "DICOM_PROXY_DIMSE_ALLOW",
+           "calling AE title accepted by the DIMSE gateway, optionally only from one IP address (repeat); "
+           "without it any AE from loopback", "list", metavar="AET[@HOST]"),
+    Option("move_destinations", "--move-destination", "DICOM_PROXY_MOVE_DESTINATIONS",
+           "where C-MOVE may send, by AE title (repeat); never taken from the request", "list",
+           metavar="AET=HOST:PORT"),
 )  # fmt: skip
 
 
@@ -272,6 +296,21 @@ def _validate(raw: Mapping[str, Any], environ: Mapping[str, str]) -> Settings:
 
     cors_origins = tuple(_cors_origin(origin) for origin in raw.get("cors_origins", []))
     allowed_hosts = _allowed_hosts(raw.get("allowed_hosts", []), listen_host)
+    workers = _workers(raw.get("workers", default("workers")))
+
+    dimse_listen = parse_listen(str(raw["dimse_listen"]), "--dimse-listen") if raw.get("dimse_listen") else None
+    dimse_aet = _ae_title(str(raw.get("dimse_aet", default("dimse_aet"))), "--dimse-aet")
+    dimse_allow = tuple(_dimse_allow(entry) for entry in raw.get("dimse_allow", []))
+    move_destinations = tuple(_move_destination(entry) for entry in raw.get("move_destinations", []))
+    if dimse_listen is not None:
+        # Like the HTTP side without an access key: an open DIMSE port would store and retrieve as you.
+        if not is_loopback(dimse_listen[0]) and not dimse_allow:
+            raise ConfigurationError(
+                f"--dimse-listen: {dimse_listen[0]} is reachable from other machines; list the calling AE titles "
+                "allowed with --dimse-allow AET[@HOST] (DICOM_PROXY_DIMSE_ALLOW)"
+            )
+        if workers > 1:
+            raise ConfigurationError("--dimse-listen: the DIMSE gateway runs in one process; use --workers 1")
 
     return Settings(
         upstream=upstream,
@@ -292,9 +331,13 @@ def _validate(raw: Mapping[str, Any], environ: Mapping[str, str]) -> Settings:
         connect_timeout=_positive(raw, "connect_timeout", default("connect_timeout")),
         read_timeout=_positive(raw, "read_timeout", default("read_timeout")),
         shutdown_grace=_positive(raw, "shutdown_grace", default("shutdown_grace")),
-        workers=_workers(raw.get("workers", default("workers"))),
+        workers=workers,
         rewrite=bool(raw.get("rewrite", default("rewrite"))),
         rewrite_limit=int(_positive(raw, "rewrite_limit_mib", default("rewrite_limit") / 1024 / 1024) * 1024 * 1024),
+        dimse_listen=dimse_listen,
+        dimse_aet=dimse_aet,
+        dimse_allow=dimse_allow,
+        move_destinations=move_destinations,
     )
 
 
@@ -337,13 +380,13 @@ def _environment_proxy(upstream: URL, environ: Mapping[str, str]) -> URL | None:
     return url
 
 
-def parse_listen(value: str) -> tuple[str, int]:
+def parse_listen(value: str, flag: str = "--listen") -> tuple[str, int]:
     host, sep, port_text = value.rpartition(":")
     if not sep or not port_text.isdigit():
-        raise ConfigurationError(f"--listen: expected HOST:PORT, got {value!r}")
+        raise ConfigurationError(f"{flag}: expected HOST:PORT, got {value!r}")
     port = int(port_text)
     if not 0 < port < 65536:
-        raise ConfigurationError(f"--listen: port {port} is outside 1-65535")
+        raise ConfigurationError(f"{flag}: port {port} is outside 1-65535")
     host = host.strip("[]") or "127.0.0.1"
     return host, port
 
@@ -401,6 +444,35 @@ def _allowed_hosts(extra: list[str], listen_host: str) -> tuple[str, ...]:
         names.append(f"[{listen_host}]" if ":" in listen_host else listen_host)
     names.extend(name.lower() for name in extra)
     return tuple(dict.fromkeys(names))
+
+
+def _ae_title(value: str, flag: str) -> str:
+    """An AE title as PS3.5 allows it: 1 to 16 characters of printable ASCII but the backslash, not all spaces."""
+    title = value.strip()
+    if not 0 < len(title) <= 16 or "\\" in title or not all(" " <= char <= "~" for char in title):
+        raise ConfigurationError(
+            f"{flag}: {value!r} is not an AE title (1 to 16 printable ASCII characters, no backslash)"
+        )
+    return title
+
+
+def _dimse_allow(entry: str) -> tuple[str, str | None]:
+    title, at, host = entry.partition("@")
+    if not at:
+        return _ae_title(title, "--dimse-allow"), None
+    try:
+        address = str(ipaddress.ip_address(host.strip("[]")))
+    except ValueError as exc:
+        raise ConfigurationError(f"--dimse-allow: {host!r} in {entry!r} is not an IP address") from exc
+    return _ae_title(title, "--dimse-allow"), address
+
+
+def _move_destination(entry: str) -> tuple[str, str, int]:
+    title, equals, address = entry.partition("=")
+    if not equals:
+        raise ConfigurationError(f"--move-destination: expected AET=HOST:PORT, got {entry!r}")
+    host, port = parse_listen(address.strip(), "--move-destination")
+    return _ae_title(title, "--move-destination"), host, port
 
 
 def _workers(value: Any) -> int:

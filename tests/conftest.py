@@ -11,7 +11,7 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -102,23 +102,30 @@ class AzStub:
 class ProxyProcess:
     """`python -m proxy serve ...` in its own process, with its output kept for inspection."""
 
-    def __init__(self, arguments: list[str], env: dict[str, str], log_path: Path, port: int) -> None:
+    def __init__(
+        self, arguments: list[str], env: dict[str, str], log_path: Path, port: int, *, prefix: list[str] | None = None
+    ) -> None:
+        """`prefix` runs it elsewhere, e.g. `ip netns exec NAME` (which execs, so the pid stays the proxy's)."""
         self.port = port
         self.url = f"http://127.0.0.1:{port}"
         self.log_path = log_path
         self._log = log_path.open("wb")
         self.process = subprocess.Popen(
-            [sys.executable, "-m", "proxy", *arguments],
+            [*(prefix or []), sys.executable, "-m", "proxy", *arguments],
             env=env,
             stdout=self._log,
             stderr=subprocess.STDOUT,
             cwd=HERE.parent,
         )
 
-    def wait_listening(self, timeout: float = 20.0) -> None:
+    def wait_listening(self, timeout: float = 20.0, probe: Callable[[int], bool] | None = None) -> None:
+        """Until the port takes connections; `probe(port)` asks from elsewhere (another network namespace)."""
+
         def listening() -> bool:
             if self.process.poll() is not None:
                 raise AssertionError(f"the proxy exited with {self.process.returncode}:\n{self.output()}")
+            if probe is not None:
+                return probe(self.port)
             try:
                 socket.create_connection(("127.0.0.1", self.port), timeout=0.2).close()
                 return True
@@ -182,6 +189,10 @@ def upstream(certificate_authority: trustme.CA, az: AzStub) -> Iterator[Upstream
 
 @pytest.fixture
 def proxy_env(az: AzStub) -> dict[str, str]:
+    return proxy_environment(az)
+
+
+def proxy_environment(az: AzStub) -> dict[str, str]:
     """The proxy's environment: the `az` stand-in first on PATH, no DICOM_PROXY_* or proxy leaking in."""
     env = {
         key: value

@@ -190,6 +190,10 @@ def test_the_compose_file_is_a_valid_configuration():
     settings = load_settings(parser().parse_args(service["command"]), environment)
     assert settings.listen_host == "0.0.0.0" and settings.access_key == ACCESS_KEY
     assert "dicom-auth-proxy" in settings.allowed_hosts, "other containers call it by its service name"
-    assert [port.split(":")[0] for port in service["ports"]] == ["127.0.0.1"], "published on loopback only"
+    assert {port.split(":")[0] for port in service["ports"]} == {"127.0.0.1"}, "published on loopback only"
     legacy = compose["services"]["legacy-viewer"]
     assert "http://dicom-auth-proxy:8080/v2/" in " ".join(legacy["command"])
+    # The DIMSE gateway listens beyond loopback only with an allow list, which names the modality's AE title.
+    assert settings.dimse_listen == ("0.0.0.0", 11112) and settings.dimse_allow == (("MODALITY", None),)
+    modality = " ".join(compose["services"]["legacy-modality"]["command"])
+    assert f"storescu -v -aet MODALITY -aec {settings.dimse_aet} +sd +r dicom-auth-proxy 11112" in modality

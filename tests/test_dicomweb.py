@@ -8,11 +8,8 @@ refused. Orthanc writes RetrieveURLs from the Host it was sent, so following the
 
 from __future__ import annotations
 
-import base64
 import hashlib
 import json
-import shutil
-import subprocess
 from email import message_from_bytes
 from pathlib import Path
 
@@ -22,73 +19,20 @@ import pytest
 import requests
 from dicomweb_client import DICOMwebClient
 
-from .conftest import free_port, wait_for
+from .conftest import free_port
+from .orthanc import ORTHANC_TOKEN, Orthanc
 
 TEST_FILES = Path(pydicom.data.__file__).parent / "test_files"
 # Local files only: asking pydicom for one it does not ship would try to download it.
 STORED = ["CT_small.dcm", "MR_small.dcm", "SC_rgb_small_odd.dcm", "rtdose.dcm", "rtplan.dcm"]
-ORTHANC_PLUGIN = "/usr/share/orthanc/plugins/libOrthancDicomWeb.so"
-
-
-def _jwt(claims: dict[str, object]) -> str:
-    def encode(data: dict[str, object]) -> str:
-        return base64.urlsafe_b64encode(json.dumps(data).encode()).rstrip(b"=").decode()
-
-    return f"{encode({'alg': 'none', 'typ': 'JWT'})}.{encode(claims)}.orthanc-signature"
-
-
-ORTHANC_TOKEN = _jwt(
-    {
-        "aud": "https://dicom.healthcareapis.azure.com",
-        "tid": "tenant-one",
-        "upn": "radiologist@example.org",
-        "exp": 4102444800,
-    }
-)
 
 
 @pytest.fixture(scope="session")
 def orthanc(tmp_path_factory: pytest.TempPathFactory):  # noqa: ANN201
-    executable = shutil.which("Orthanc") or "/usr/sbin/Orthanc"
-    assert Path(executable).exists() and Path(ORTHANC_PLUGIN).exists(), (
-        "Orthanc and its DICOMweb plugin are needed: apt-get install -y orthanc orthanc-dicomweb (.ci/run does)"
-    )
-    home = tmp_path_factory.mktemp("orthanc")
-    (home / "filter.lua").write_text(
-        "function IncomingHttpRequestFilter(method, uri, ip, username, httpHeaders)\n"
-        f"  return httpHeaders['authorization'] == 'Bearer {ORTHANC_TOKEN}'\n"
-        "end\n"
-    )
-    port = free_port()
-    config = {
-        "Name": "dicom-auth-proxy-tests",
-        "HttpPort": port,
-        "DicomServerEnabled": False,
-        "RemoteAccessAllowed": False,
-        "AuthenticationEnabled": False,
-        "StorageDirectory": str(home / "db"),
-        "IndexDirectory": str(home / "db"),
-        "Plugins": [ORTHANC_PLUGIN],
-        "LuaScripts": [str(home / "filter.lua")],
-        "DicomWeb": {"Enable": True, "Root": "/dicom-web/"},
-    }
-    (home / "orthanc.json").write_text(json.dumps(config))
-    log = (home / "orthanc.log").open("wb")
-    process = subprocess.Popen([executable, str(home / "orthanc.json")], stdout=log, stderr=subprocess.STDOUT)
-    url = f"http://127.0.0.1:{port}"
-
-    def answering() -> bool:
-        assert process.poll() is None, (home / "orthanc.log").read_text()
-        try:
-            return requests.get(f"{url}/dicom-web/studies", timeout=1).status_code == 403
-        except requests.ConnectionError:
-            return False
-
-    wait_for(answering, timeout=30, what="Orthanc to start")
-    yield url
-    process.terminate()
-    process.wait(15)
-    log.close()
+    server = Orthanc(tmp_path_factory.mktemp("orthanc"), free_port())
+    server.wait_answering()
+    yield server.url
+    server.stop()
 
 
 @pytest.fixture

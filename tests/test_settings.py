@@ -109,6 +109,20 @@ def test_the_access_key_is_kept_out_of_the_settings_repr(tmp_path):
         (["--config", "/nonexistent.toml"], {}, "--config: cannot read /nonexistent.toml"),
         (["--upstream", "https://ws.example", "--workers", "0"], {}, "--workers: expected 1 to 64, got 0"),
         (["--upstream", "https://ws.example"], {"DICOM_PROXY_WORKERS": "two"}, "--workers: expected a whole number"),
+        (
+            ["--upstream", "https://ws.example", "--dimse-listen", "0.0.0.0:11112"],
+            {},
+            "--dimse-listen: 0.0.0.0 is reachable from other machines; list the calling AE titles allowed",
+        ),
+        (["--upstream", "https://ws.example", "--dimse-listen", "11112"], {}, "--dimse-listen: expected HOST:PORT"),
+        (["--upstream", "https://ws.example", "--dimse-aet", "A" * 17], {}, "--dimse-aet: 'AAAAAAAAAAAAAAAAA' is not"),
+        (["--upstream", "https://ws.example", "--dimse-allow", "PACS@pacs.example"], {}, "is not an IP address"),
+        (["--upstream", "https://ws.example", "--move-destination", "WS:11113"], {}, "expected AET=HOST:PORT"),
+        (
+            ["--upstream", "https://ws.example", "--dimse-listen", "127.0.0.1:11112", "--workers", "2"],
+            {},
+            "the DIMSE gateway runs in one process",
+        ),
     ],
 )
 def test_bad_values_give_one_line_and_exit_code_2(argv, environ, message, capsys, monkeypatch):
@@ -121,6 +135,21 @@ def test_bad_values_give_one_line_and_exit_code_2(argv, environ, message, capsys
     assert error.count("\n") == 1, error
     assert error.startswith("dicom-auth-proxy: error: ")
     assert message in error
+
+
+def test_the_dimse_options_from_each_source():
+    settings = settings_from(
+        ["--upstream", "https://ws.example", "--dimse-listen", "0.0.0.0:11112", "--dimse-allow", "CT1@192.0.2.10"],
+        {"DICOM_PROXY_DIMSE_ALLOW": "IGNORED", "DICOM_PROXY_MOVE_DESTINATIONS": "WS=ws.local:104, PACS=[::1]:11113"},
+    )
+    assert settings.dimse_listen == ("0.0.0.0", 11112) and settings.dimse_aet == "DICOMPROXY"
+    assert settings.dimse_allow == (("CT1", "192.0.2.10"),)  # the flag beats the environment
+    assert settings.move_destinations == (("WS", "ws.local", 104), ("PACS", "::1", 11113))
+    assert settings_from(["--upstream", "https://ws.example"]).dimse_listen is None
+    assert str(settings.upstream_dicomweb) == "https://ws.example/v2"
+    assert str(settings_from(["--upstream", "http://127.0.0.1:8042/dicom-web"]).upstream_dicomweb).endswith(
+        "/dicom-web"
+    )
 
 
 def test_a_ca_bundle_without_certificates_is_refused(tmp_path, capsys):

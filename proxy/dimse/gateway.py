@@ -1,0 +1,255 @@
+"""The DIMSE gateway: a pynetdicom AE in the proxy's process, its association policy and its bridge to the loop.
+
+pynetdicom runs each association in threads of its own. Its event handlers (proxy/dimse/services.py) stay
+thin: they ask the one DICOMweb client, which lives on the proxy's event loop, through `LoopBridge`
+(`asyncio.run_coroutine_threadsafe(...).result(timeout)`), so the loop never waits on an association and the
+HTTP side and the gateway share one TokenSource and one upstream session.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import ipaddress
+import logging
+import time
+from collections.abc import AsyncIterator, Coroutine, Iterator
+from dataclasses import dataclass, field
+from typing import Any, TypeVar
+
+from pydicom.uid import UID
+from pynetdicom import AE, _config, evt
+from pynetdicom.events import Event
+from pynetdicom.presentation import AllStoragePresentationContexts
+
+from ..errors import ConfigurationError, loggable
+from ..metrics import Metrics
+from ..settings import Settings, is_loopback
+from .client import DicomWebClient
+from .services import TRANSFER_SYNTAXES, UNCOMPRESSED, VERIFICATION, Services
+from .status import OUT_OF_RESOURCES, Failure
+
+logger = logging.getLogger("proxy.dimse")
+
+T = TypeVar("T")
+
+# Study Root and Patient Root Query/Retrieve: FIND, MOVE and GET (PS3.4 C.6).
+QUERY_RETRIEVE = tuple(UID(f"1.2.840.10008.5.1.4.1.2.{root}.{operation}") for root in (2, 1) for operation in (1, 2, 3))
+# Associations served at once; each costs two threads.
+MAXIMUM_ASSOCIATIONS = 64
+# A-ASSOCIATE-RJ diagnostics (PS3.8 9.3.4): rejected-permanent, by the service user.
+_CALLING_AE_NOT_RECOGNIZED = 0x03
+_CALLED_AE_NOT_RECOGNIZED = 0x07
+
+
+class LoopBridge:
+    """Runs coroutines of the proxy's event loop from pynetdicom's threads, each step bounded by `timeout`."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, timeout: float) -> None:
+        self._loop = loop
+        self._timeout = timeout
+
+    def run(self, coroutine: Coroutine[Any, Any, T]) -> T:
+        future = asyncio.run_coroutine_threadsafe(coroutine, self._loop)
+        try:
+            return future.result(self._timeout)
+        except concurrent.futures.TimeoutError:
+            future.cancel()
+            raise Failure(OUT_OF_RESOURCES, f"the DICOM service did not answer within {self._timeout:g}s") from None
+
+    def iterate(self, items: AsyncIterator[T]) -> Iterator[T]:
+        """An async iterator of the loop, item by item; stopping early closes it (and its upstream answer)."""
+        end = object()
+
+        async def step() -> Any:
+            return await anext(items, end)
+
+        try:
+            while (item := self.run(step())) is not end:
+                yield item
+        finally:
+            aclose = getattr(items, "aclose", None)
+            if aclose is not None:
+                self.run(aclose())
+
+
+@dataclass
+class Operation:
+    """One DIMSE operation as the access log and /-/metrics see it."""
+
+    calling_ae: str
+    address: str
+    name: str
+    level: str = "-"
+    count: int = 0
+    status: int = 0
+    started: float = field(default_factory=time.perf_counter)
+
+
+def association_refusal(settings: Settings, called_ae: str, calling_ae: str, address: str) -> int | None:
+    """Why an association must be rejected (an A-ASSOCIATE-RJ diagnostic), or None to accept it."""
+    if called_ae.strip() != settings.dimse_aet:
+        return _CALLED_AE_NOT_RECOGNIZED
+    calling_ae = calling_ae.strip()
+    if not settings.dimse_allow:
+        return None if is_loopback(_plain_address(address)) else _CALLING_AE_NOT_RECOGNIZED
+    for title, host in settings.dimse_allow:
+        if title == calling_ae and (host is None or host == _plain_address(address)):
+            return None
+    return _CALLING_AE_NOT_RECOGNIZED
+
+
+def _plain_address(address: str) -> str:
+    """An IPv4-mapped IPv6 peer (::ffff:192.0.2.1) as the IPv4 address an allow list names."""
+    try:
+        parsed = ipaddress.ip_address(address)
+    except ValueError:
+        return address
+    mapped = getattr(parsed, "ipv4_mapped", None)
+    return str(mapped or parsed)
+
+
+def _prefer_stored_syntaxes_for_retrieval(event: Event) -> None:
+    """For storage SOP classes a C-GET requester takes the SCP role for, pick compressed syntaxes first.
+
+    The gateway sends what the service stored and converts only between uncompressed syntaxes: a requester
+    that offers JPEG beside Explicit VR Little Endian in one context gets JPEG instances as they are. A
+    storescu, which offers the opposite role, keeps the uncompressed-first order, so that the gateway never
+    makes it compress what it holds uncompressed. (These are the association's own copies of the contexts.)
+    """
+    retrieving = {uid for uid, item in event.assoc.requestor.role_selection.items() if item.scp_role}
+    if not retrieving:
+        return
+    contexts = event.assoc.acceptor.supported_contexts
+    for context in contexts:
+        if context.abstract_syntax in retrieving:
+            context.transfer_syntax = [*TRANSFER_SYNTAXES[len(UNCOMPRESSED) :], *UNCOMPRESSED]
+    event.assoc.acceptor.supported_contexts = contexts
+
+
+class Gateway:
+    """The AE: `start()` listens (non-blocking), `close()` aborts associations and stops listening."""
+
+    def __init__(self, settings: Settings, *, client: DicomWebClient, metrics: Metrics) -> None:
+        assert settings.dimse_listen is not None, "the gateway needs --dimse-listen"
+        self.settings = settings
+        self.client = client
+        self.metrics = metrics
+        self._ae: AE | None = None
+        self.bridge: LoopBridge | None = None
+
+    def start(self) -> None:
+        settings = self.settings
+        assert settings.dimse_listen is not None
+        self.bridge = LoopBridge(asyncio.get_running_loop(), settings.connect_timeout + settings.read_timeout)
+        # Received instances go to a temporary file as they arrive, never whole into memory; identifiers
+        # (patient names and IDs) stay out of pynetdicom's log, which is kept to warnings.
+        _config.STORE_RECV_CHUNKED_DATASET = True
+        _config.LOG_REQUEST_IDENTIFIERS = False
+        _config.LOG_RESPONSE_IDENTIFIERS = False
+        logging.getLogger("pynetdicom").setLevel(logging.WARNING)
+
+        ae = AE(ae_title=settings.dimse_aet)
+        ae.require_called_aet = True
+        ae.maximum_associations = MAXIMUM_ASSOCIATIONS
+        ae.add_supported_context(VERIFICATION, list(TRANSFER_SYNTAXES[:3]))
+        for sop_class in QUERY_RETRIEVE:
+            ae.add_supported_context(sop_class, list(TRANSFER_SYNTAXES[:3]))
+        for storage in AllStoragePresentationContexts:
+            # Both roles: a storescu sends to the gateway; a getscu takes the SCP role for C-GET's C-STOREs.
+            assert storage.abstract_syntax is not None
+            ae.add_supported_context(storage.abstract_syntax, list(TRANSFER_SYNTAXES), scu_role=True, scp_role=True)
+        services = Services(self, ae)
+        handlers: list[Any] = [
+            (evt.EVT_REQUESTED, self._requested),
+            (evt.EVT_C_ECHO, services.echo),
+            (evt.EVT_C_STORE, services.store),
+            (evt.EVT_C_FIND, services.find),
+            (evt.EVT_C_GET, services.get),
+            (evt.EVT_C_MOVE, services.move),
+        ]
+        host, port = settings.dimse_listen
+        try:
+            ae.start_server((host, port), block=False, evt_handlers=handlers)
+        except OSError as error:
+            raise ConfigurationError(f"--dimse-listen: cannot listen on {host}:{port}: {error.strerror}") from error
+        self._ae = ae
+        logger.info(
+            "DIMSE gateway: AE title %s on %s:%d, calling AEs %s, move destinations %s",
+            settings.dimse_aet,
+            host,
+            port,
+            ", ".join(f"{title}@{where}" if where else title for title, where in settings.dimse_allow)
+            or "any from loopback",
+            ", ".join(f"{title}={where}:{port}" for title, where, port in settings.move_destinations) or "none",
+        )
+
+    async def close(self) -> None:
+        if self._ae is not None:
+            # In a thread: shutting down waits for handlers, which may be waiting on this loop.
+            await asyncio.to_thread(self._ae.shutdown)
+            self._ae = None
+
+    def _requested(self, event: Event) -> None:
+        """The association policy, before pynetdicom negotiates: called AE, then calling AE and address."""
+        requestor = event.assoc.requestor
+        primitive = requestor.primitive
+        assert primitive is not None
+        called, calling = str(primitive.called_ae_title), str(primitive.calling_ae_title)
+        address = str(requestor.address)
+        refusal = association_refusal(self.settings, called, calling, address)
+        if refusal is None:
+            self.metrics.dimse_associations.labels(result="accepted").inc()
+            _prefer_stored_syntaxes_for_retrieval(event)
+            return
+        self.metrics.dimse_associations.labels(result="rejected").inc()
+        logger.warning(
+            "association from %s (calling AE %s, called AE %s) rejected: %s",
+            address,
+            loggable(calling.strip(), 16),
+            loggable(called.strip(), 16),
+            f"this gateway's AE title is {self.settings.dimse_aet} (--dimse-aet)"
+            if refusal == _CALLED_AE_NOT_RECOGNIZED
+            else "the calling AE is not allowed here (--dimse-allow AET[@HOST])",
+        )
+        event.assoc.acse.send_reject(0x01, 0x01, refusal)
+        event.assoc.kill()
+
+    def begin(self, event: Event, name: str) -> Operation:
+        requestor = event.assoc.requestor
+        return Operation(loggable(str(requestor.ae_title).strip(), 16), str(requestor.address), name)
+
+    def end(self, operation: Operation, failure: Failure | None = None) -> None:
+        """Count the operation and write its access-log line: no identifier values, names or UIDs."""
+        seconds = time.perf_counter() - operation.started
+        status = f"0x{operation.status:04X}"
+        self.metrics.dimse_operations.labels(operation=operation.name, status=status).inc()
+        if failure is not None:
+            logger.warning(
+                "%s from %s failed with %s: %s%s",
+                operation.name,
+                operation.calling_ae,
+                status,
+                failure.detail,
+                f". Hint: {failure.hint}" if failure.hint else "",
+            )
+        fields = {
+            "calling_ae": operation.calling_ae,
+            "client": operation.address,
+            "operation": operation.name,
+            "level": operation.level,
+            "count": operation.count,
+            "status": status,
+            "seconds": round(seconds, 4),
+        }
+        logger.info(
+            "%s %s %s %s count=%d status=%s %.3fs",
+            operation.address,
+            operation.calling_ae,
+            operation.name,
+            operation.level,
+            operation.count,
+            status,
+            seconds,
+            extra={"access": fields},
+        )

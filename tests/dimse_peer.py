@@ -1,0 +1,128 @@
+"""pynetdicom as a DIMSE client, for what dcmtk's tools cannot show; run inside the test's network namespace
+as `python -m tests.dimse_peer COMMAND ...`, it prints one JSON object.
+
+  store-concurrently PORT N FILE...   N associations at once, each storing every FILE; their statuses
+  cancel-get PORT STUDY               C-GET of a study, C-CANCEL after the first pending response
+  cancel-move PORT STUDY DESTINATION  the same with C-MOVE
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import threading
+from typing import Any
+
+from pydicom import Dataset, dcmread
+from pynetdicom import AE, build_role, evt
+from pynetdicom.sop_class import (
+    CTImageStorage,
+    StudyRootQueryRetrieveInformationModelGet,
+    StudyRootQueryRetrieveInformationModelMove,
+)
+
+CALLED = "DICOMPROXY"
+
+
+def store_concurrently(port: int, count: int, files: list[str]) -> dict[str, Any]:
+    datasets = [dcmread(name) for name in files]
+    results: list[list[int]] = [[] for _ in range(count)]
+    barrier = threading.Barrier(count)
+
+    def one(index: int) -> None:
+        ae = AE(ae_title=f"PEER{index}")
+        for dataset in datasets:
+            ae.add_requested_context(dataset.SOPClassUID, dataset.file_meta.TransferSyntaxUID)
+        barrier.wait()
+        assoc = ae.associate("127.0.0.1", port, ae_title=CALLED)
+        if not assoc.is_established:
+            results[index].append(-1)
+            return
+        for dataset in datasets:
+            status = assoc.send_c_store(dataset)
+            results[index].append(int(status.Status) if "Status" in status else -2)
+        assoc.release()
+
+    threads = [threading.Thread(target=one, args=(index,)) for index in range(count)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(120)
+    return {"statuses": results}
+
+
+def _responses(assoc: Any, responses: Any) -> dict[str, Any]:
+    statuses: list[int] = []
+    final: Dataset | None = None
+    cancelled = False
+    for status, _identifier in responses:
+        if "Status" not in status:
+            break
+        statuses.append(int(status.Status))
+        final = status
+        if status.Status == 0xFF00 and not cancelled:
+            assoc.send_c_cancel(1, query_model=assoc.accepted_contexts[0].abstract_syntax)
+            cancelled = True
+    assoc.release()
+    counts = (
+        {
+            key: int(final.get(key, -1))
+            for key in (
+                "NumberOfRemainingSuboperations",
+                "NumberOfCompletedSuboperations",
+                "NumberOfFailedSuboperations",
+            )
+        }
+        if final is not None
+        else {}
+    )
+    return {"statuses": statuses, **counts}
+
+
+def _identifier(study: str) -> Dataset:
+    identifier = Dataset()
+    identifier.QueryRetrieveLevel = "STUDY"
+    identifier.StudyInstanceUID = study
+    return identifier
+
+
+def cancel_get(port: int, study: str) -> dict[str, Any]:
+    stored: list[int] = []
+    ae = AE(ae_title="PEERGET")
+    ae.add_requested_context(StudyRootQueryRetrieveInformationModelGet)
+    ae.add_requested_context(CTImageStorage)
+    handlers = [(evt.EVT_C_STORE, lambda event: stored.append(1) or 0x0000)]
+    assoc = ae.associate(
+        "127.0.0.1", port, ae_title=CALLED, ext_neg=[build_role(CTImageStorage, scp_role=True)], evt_handlers=handlers
+    )
+    assert assoc.is_established
+    result = _responses(assoc, assoc.send_c_get(_identifier(study), StudyRootQueryRetrieveInformationModelGet))
+    return {**result, "stored": len(stored)}
+
+
+def cancel_move(port: int, study: str, destination: str) -> dict[str, Any]:
+    ae = AE(ae_title="PEERMOVE")
+    ae.add_requested_context(StudyRootQueryRetrieveInformationModelMove)
+    assoc = ae.associate("127.0.0.1", port, ae_title=CALLED)
+    assert assoc.is_established
+    return _responses(
+        assoc, assoc.send_c_move(_identifier(study), destination, StudyRootQueryRetrieveInformationModelMove)
+    )
+
+
+def main(argv: list[str]) -> int:
+    command, port = argv[0], int(argv[1])
+    if command == "store-concurrently":
+        result = store_concurrently(port, int(argv[2]), argv[3:])
+    elif command == "cancel-get":
+        result = cancel_get(port, argv[2])
+    elif command == "cancel-move":
+        result = cancel_move(port, argv[2], argv[3])
+    else:
+        raise SystemExit(f"unknown command {command}")
+    print(json.dumps(result))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

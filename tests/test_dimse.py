@@ -1,0 +1,480 @@
+"""The DIMSE gateway end to end: Debian's dcmtk (echoscu, storescu, findscu, getscu, movescu, and storescp as the
+move destination) and pynetdicom against the proxy, in front of Orthanc's DICOMweb behind its token filter.
+
+storescp and Orthanc bind every interface, so everything here runs in a private network namespace (tests/netns.py)
+where only loopback exists. storescu and getscu exit 0 even when an instance failed: the DIMSE statuses they log
+are what the tests read.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pydicom
+import pydicom.data
+import pytest
+from pydicom.dataset import FileMetaDataset
+from pydicom.uid import ExplicitVRLittleEndian, generate_uid
+
+from .conftest import HERE, AzStub, ProxyProcess, proxy_environment, wait_for
+from .netns import Namespace, dcmtk
+from .orthanc import ORTHANC_TOKEN, Orthanc
+
+TEST_FILES = Path(pydicom.data.__file__).parent / "test_files"
+ORTHANC_PORT, DESTINATION_PORT = 8042, 11113
+# What storescu must propose to send each file as it is (it sends one compressed family per run).
+# Local files only: asking pydicom for one it does not ship would try to download it.
+STORED = {
+    "-x=": ["CT_small.dcm"],
+    "-xw": ["JPEG2000.dcm", "693_J2KI.dcm"],
+    "-xv": ["examples_jpeg2k.dcm"],
+    "-xy": ["SC_rgb_jpeg_dcmtk.dcm"],
+    "-xx": ["JPEG-lossy.dcm"],
+    "-xs": ["SC_rgb_jpeg_gdcm.dcm"],
+    "-xt": ["MR_small_jpeg_ls_lossless.dcm"],
+    "-xd": ["image_dfl.dcm"],
+}
+# Orthanc refuses uploads larger than this (403), so that one C-STORE of an association can fail.
+REFUSED_SIZE = 1_000_000
+# 0x0124 Refused: Not authorized (PS3.7 C.5.x), a general status dcmtk's storescu has no name for.
+REFUSED = "Unknown Status: 0x124"
+BIG_STUDY_INSTANCES = 300
+PATIENT_NAMES = ("CompressedSamples", "Lestrade", "Synthetic^Large")
+
+
+class World:
+    """Orthanc, storescp and proxies in one network namespace; `close()` ends them and removes it."""
+
+    def __init__(self, home: Path) -> None:
+        self.home = home
+        self.namespace = Namespace()
+        self._processes: list[subprocess.Popen[bytes]] = []
+        self.proxies: list[ProxyProcess] = []
+        self._next_port = 8080
+        self.orthanc: Orthanc | None = None
+        self.destination = home / "destination"
+        self.destination.mkdir()
+        self.az = AzStub(home / "az-bin")
+        self.az.configure(token=ORTHANC_TOKEN)
+
+    def start(self) -> None:
+        (self.home / "orthanc").mkdir()
+        self.orthanc = Orthanc(
+            self.home / "orthanc", ORTHANC_PORT, prefix=self.namespace.prefix, refuse_uploads_over=REFUSED_SIZE
+        )
+        self.orthanc.wait_answering(lambda: self.namespace.http_status(f"{self.orthanc_url}/studies") == "403")
+        with (self.home / "storescp.log").open("wb") as log:
+            self._processes.append(
+                subprocess.Popen(
+                    [*self.namespace.prefix, dcmtk("storescp"), "-v", "+xa", "-aet", "MOVEDEST"]
+                    + ["-od", str(self.destination), str(DESTINATION_PORT)],
+                    stdout=log,
+                    stderr=subprocess.STDOUT,
+                )
+            )
+        wait_for(lambda: self.namespace.listening(DESTINATION_PORT), 20, 0.1, "storescp to listen")
+
+    @property
+    def orthanc_url(self) -> str:
+        return f"http://127.0.0.1:{ORTHANC_PORT}/dicom-web"
+
+    def proxy(self, *flags: str, az: AzStub | None = None, upstream: str | None = None) -> ProxyProcess:
+        """A proxy inside the namespace, its DIMSE gateway on its HTTP port + 1000."""
+        port = self._next_port
+        self._next_port += 1
+        arguments = ["serve", "--upstream", upstream or self.orthanc_url, "--listen", f"127.0.0.1:{port}"]
+        arguments += ["--dimse-listen", f"127.0.0.1:{port + 1000}", *flags]
+        proxy = ProxyProcess(
+            arguments,
+            proxy_environment(az or self.az),
+            self.home / f"proxy-{port}.log",
+            port,
+            prefix=self.namespace.prefix,
+        )
+        self.proxies.append(proxy)
+        proxy.wait_listening(probe=self.namespace.listening)
+        wait_for(lambda: self.namespace.listening(port + 1000), 20, 0.1, "the DIMSE gateway to listen")
+        proxy.dimse_port = port + 1000  # type: ignore[attr-defined]
+        return proxy
+
+    def tool(self, name: str, *arguments: str, cwd: Path | None = None, timeout: float = 120) -> str:
+        """A dcmtk tool run inside the namespace: everything it printed."""
+        result = self.namespace.run([dcmtk(name), *arguments], timeout=timeout, cwd=cwd)
+        return result.stdout + result.stderr
+
+    def python(self, *arguments: str, timeout: float = 120) -> dict[str, object]:
+        command = [sys.executable, "-m", "tests.dimse_peer", *arguments]
+        result = self.namespace.run(command, timeout=timeout, cwd=HERE.parent)
+        assert result.returncode == 0, result.stdout + result.stderr
+        return json.loads(result.stdout)  # type: ignore[no-any-return]
+
+    def http(self, url: str) -> str:
+        return self.namespace.run(["curl", "-sS", "--max-time", "30", url]).stdout
+
+    def close(self) -> None:
+        for proxy in self.proxies:
+            proxy.stop()
+        for process in self._processes:
+            process.terminate()
+            process.wait(15)
+        if self.orthanc is not None:
+            self.orthanc.stop()
+        self.az.stop_leftovers()
+        self.namespace.delete()
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[World]:
+    world = World(tmp_path_factory.mktemp("dimse"))
+    try:
+        world.start()
+        yield world
+    finally:
+        world.close()
+
+
+@pytest.fixture(scope="module")
+def gateway(world: World) -> ProxyProcess:
+    return world.proxy(
+        "--move-destination", f"MOVEDEST=127.0.0.1:{DESTINATION_PORT}",
+        "--move-destination", "GONE=127.0.0.1:9",
+    )  # fmt: skip
+
+
+def scu(proxy: ProxyProcess, calling: str = "TESTSCU", called: str = "DICOMPROXY") -> list[str]:
+    return ["-aet", calling, "-aec", called, "127.0.0.1", str(proxy.dimse_port)]  # type: ignore[attr-defined]
+
+
+def store_statuses(output: str) -> list[str]:
+    return re.findall(r"Received Store Response \(([^)]*)\)", output)
+
+
+@pytest.fixture(scope="module")
+def extras(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """A second modality in CT_small's study (ModalitiesInStudy with two values), and an instance Orthanc refuses."""
+    home = tmp_path_factory.mktemp("extras")
+    ct = pydicom.dcmread(TEST_FILES / "CT_small.dcm")
+    ct.Modality, ct.SeriesInstanceUID, ct.SOPInstanceUID = "MR", generate_uid(), generate_uid()
+    ct.file_meta.MediaStorageSOPInstanceUID = ct.SOPInstanceUID
+    ct.save_as(home / "second_modality.dcm")
+    refused = pydicom.dcmread(TEST_FILES / "CT_small.dcm")
+    refused.add_new(0x00091010, "OB", b"\0" * REFUSED_SIZE)  # a private value that makes it too large
+    refused.StudyInstanceUID = generate_uid()
+    refused.SeriesInstanceUID, refused.SOPInstanceUID = generate_uid(), generate_uid()
+    refused.file_meta.MediaStorageSOPInstanceUID = refused.SOPInstanceUID
+    refused.save_as(home / "refused.dcm")
+    return {"second_modality": home / "second_modality.dcm", "refused": home / "refused.dcm"}
+
+
+@pytest.fixture(scope="module")
+def stored(world: World, gateway: ProxyProcess, extras: dict[str, Path]) -> dict[str, str]:
+    """storescu of every test file, each in its own transfer syntax: what each run printed, by proposal."""
+    outputs = {}
+    for proposal, names in STORED.items():
+        files = [str(TEST_FILES / name) for name in names]
+        outputs[proposal] = world.tool("storescu", "-v", "-R", proposal, *scu(gateway), *files)
+    outputs["mixed"] = world.tool(
+        "storescu", "-v", *scu(gateway), str(extras["second_modality"]), str(extras["refused"])
+    )
+    return outputs
+
+
+def originals() -> dict[str, pydicom.Dataset]:
+    datasets = (pydicom.dcmread(TEST_FILES / name) for names in STORED.values() for name in names)
+    return {dataset.SOPInstanceUID: dataset for dataset in datasets}
+
+
+def test_echoscu_is_answered_through_the_whole_chain(world, gateway):
+    output = world.tool("echoscu", "-v", *scu(gateway))
+    assert "Received Echo Response (Success)" in output
+
+
+def test_storescu_stores_every_instance_as_it_came_one_status_each(world, gateway, stored):
+    for proposal, names in STORED.items():
+        assert store_statuses(stored[proposal]) == ["Success"] * len(names), stored[proposal]
+    # In one association, the instance the service refuses fails alone.
+    assert store_statuses(stored["mixed"]) == ["Success", REFUSED], stored["mixed"]
+    # Every one is in the service (that each is unchanged, getscu and movescu show by bringing it back).
+    for uid in originals():
+        assert uid in gateway_search(world, gateway, f"instances?SOPInstanceUID={uid}")
+
+
+def gateway_search(world: World, proxy: ProxyProcess, query: str) -> str:
+    """A QIDO-RS search through the proxy's HTTP side (the same token, the same service)."""
+    return world.http(f"{proxy.url}/{query}")
+
+
+def find(world: World, proxy: ProxyProcess, directory: Path, *keys: str) -> tuple[str, list[pydicom.Dataset]]:
+    directory.mkdir()
+    arguments = [item for key in keys for item in ("-k", key)]
+    output = world.tool("findscu", "-v", "-S", "-X", *arguments, *scu(proxy), cwd=directory)
+    answers = [pydicom.dcmread(path) for path in sorted(directory.glob("rsp*.dcm"))]
+    return output, answers
+
+
+def test_findscu_at_each_level_finds_what_qido_finds_with_the_keys_asked_for(world, gateway, stored, tmp_path):
+    output, studies = find(
+        world, gateway, tmp_path / "studies",
+        "QueryRetrieveLevel=STUDY", "PatientName=Compressed*", "StudyInstanceUID", "StudyDate", "StudyTime",
+        "PatientID", "ModalitiesInStudy", "NumberOfStudyRelatedInstances", "AccessionNumber",
+    )  # fmt: skip
+    assert "Received Final Find Response (Success)" in output, output
+    qido = json.loads(gateway_search(world, gateway, "studies?PatientName=Compressed*"))
+    assert {answer.StudyInstanceUID for answer in studies} == {item["0020000D"]["Value"][0] for item in qido}
+    assert len(studies) == 4
+    wanted = {"StudyInstanceUID", "StudyDate", "StudyTime", "PatientName", "PatientID", "ModalitiesInStudy"}
+    wanted |= {"NumberOfStudyRelatedInstances", "AccessionNumber", "QueryRetrieveLevel", "SpecificCharacterSet"}
+    for answer in studies:
+        assert {element.keyword for element in answer} == wanted
+        vrs = {element.keyword: element.VR for element in answer}
+        assert (vrs["PatientName"], vrs["StudyDate"], vrs["StudyTime"]) == ("PN", "DA", "TM")
+        assert (vrs["StudyInstanceUID"], vrs["NumberOfStudyRelatedInstances"]) == ("UI", "IS")
+        assert str(answer.PatientName).startswith("CompressedSamples^")
+    ct = pydicom.dcmread(TEST_FILES / "CT_small.dcm")
+    ct_study = next(answer for answer in studies if answer.StudyInstanceUID == ct.StudyInstanceUID)
+    assert sorted(ct_study.ModalitiesInStudy) == ["CT", "MR"]
+    assert ct_study.NumberOfStudyRelatedInstances == 2 and ct_study.StudyDate == ct.StudyDate
+
+    _output, series = find(
+        world, gateway, tmp_path / "series",
+        "QueryRetrieveLevel=SERIES", f"StudyInstanceUID={ct.StudyInstanceUID}", "SeriesInstanceUID", "Modality",
+        "SeriesNumber",
+    )  # fmt: skip
+    assert sorted(answer.Modality for answer in series) == ["CT", "MR"]
+    assert all(answer["SeriesNumber"].VR == "IS" for answer in series)
+
+    _output, images = find(
+        world, gateway, tmp_path / "images",
+        "QueryRetrieveLevel=IMAGE", f"StudyInstanceUID={ct.StudyInstanceUID}",
+        f"SeriesInstanceUID={ct.SeriesInstanceUID}", "SOPInstanceUID", "SOPClassUID", "InstanceNumber",
+    )  # fmt: skip
+    assert [(answer.SOPInstanceUID, answer.InstanceNumber) for answer in images] == [
+        (ct.SOPInstanceUID, ct.InstanceNumber)
+    ]
+    output, nothing = find(world, gateway, tmp_path / "none", "QueryRetrieveLevel=STUDY", "PatientName=Nobody*")
+    assert nothing == [] and "Received Final Find Response (Success)" in output
+    output, _bad = find(world, gateway, tmp_path / "bad", "QueryRetrieveLevel=WARD", "PatientName")
+    assert "Received Final Find Response (Error: DataSetDoesNotMatchSOPClass)" in output, output  # 0xA900
+
+
+def assert_same_pixels(received: Path, original: pydicom.Dataset) -> None:
+    dataset = pydicom.dcmread(received)
+    assert dataset.file_meta.TransferSyntaxUID == original.file_meta.TransferSyntaxUID, received.name
+    assert dataset.PixelData == original.PixelData, received.name
+
+
+def test_getscu_brings_instances_back_byte_identical_in_their_stored_transfer_syntax(world, gateway, stored, tmp_path):
+    ct = pydicom.dcmread(TEST_FILES / "CT_small.dcm")
+    (tmp_path / "ct").mkdir()
+    output = world.tool(
+        "getscu", "-v", "-S", "-k", "QueryRetrieveLevel=SERIES", "-k", f"StudyInstanceUID={ct.StudyInstanceUID}",
+        "-k", f"SeriesInstanceUID={ct.SeriesInstanceUID}", "-od", str(tmp_path / "ct"), *scu(gateway),
+    )  # fmt: skip
+    assert "Received C-GET Response (Success)" in output, output
+    assert_same_pixels(next((tmp_path / "ct").iterdir()), ct)
+
+    jpeg = pydicom.dcmread(TEST_FILES / "SC_rgb_jpeg_dcmtk.dcm")
+    (tmp_path / "jpeg").mkdir()
+    output = world.tool(
+        "getscu", "-v", "-S", "+xy", "-k", "QueryRetrieveLevel=IMAGE",
+        "-k", f"StudyInstanceUID={jpeg.StudyInstanceUID}", "-k", f"SeriesInstanceUID={jpeg.SeriesInstanceUID}",
+        "-k", f"SOPInstanceUID={jpeg.SOPInstanceUID}",
+        "-od", str(tmp_path / "jpeg"), *scu(gateway),
+    )  # fmt: skip
+    assert "Received C-GET Response (Success)" in output, output
+    assert_same_pixels(next((tmp_path / "jpeg").iterdir()), jpeg)
+
+    # Asked for uncompressed only, the JPEG instances of that study cannot be sent: each is a failed sub-operation.
+    (tmp_path / "refused").mkdir()
+    output = world.tool(
+        "getscu", "-v", "-S", "-k", "QueryRetrieveLevel=STUDY", "-k", f"StudyInstanceUID={jpeg.StudyInstanceUID}",
+        "-od", str(tmp_path / "refused"), *scu(gateway),
+    )  # fmt: skip
+    assert "Number of Failed Suboperations    : 2" in output, output
+    assert list((tmp_path / "refused").iterdir()) == []
+
+
+def test_movescu_sends_every_instance_on_one_association_with_pending_counts(world, gateway, stored):
+    wanted = originals()
+    studies = sorted({dataset.StudyInstanceUID for dataset in wanted.values()})
+    before = (world.home / "storescp.log").read_text().count("Association Received")
+    output = world.tool(
+        "movescu", "-v", "-S", "-aem", "MOVEDEST", "-k", "QueryRetrieveLevel=STUDY",
+        "-k", "StudyInstanceUID=" + "\\".join(studies), *scu(gateway),
+    )  # fmt: skip
+    assert "Received Final Move Response (Success)" in output, output
+    pending = re.findall(r"Received Move Response (\d+) \(Pending\)", output)
+    assert [int(number) for number in pending] == list(range(1, len(pending) + 1)) and len(pending) >= len(wanted)
+    received = {pydicom.dcmread(path).SOPInstanceUID: path for path in world.destination.iterdir()}
+    for uid, original in wanted.items():
+        assert_same_pixels(received[uid], original)
+    after = (world.home / "storescp.log").read_text().count("Association Received")
+    assert after - before == 1, "one association to the destination for the whole move"
+
+
+def test_movescu_to_an_unknown_or_unreachable_destination_fails(world, gateway, stored):
+    ct = pydicom.dcmread(TEST_FILES / "CT_small.dcm")
+    for destination in ("NOWHERE", "GONE"):
+        output = world.tool(
+            "movescu", "-v", "-S", "-aem", destination, "-k", "QueryRetrieveLevel=STUDY",
+            "-k", f"StudyInstanceUID={ct.StudyInstanceUID}", *scu(gateway),
+        )  # fmt: skip
+        assert "Refused: MoveDestinationUnknown" in output, output
+
+
+def every_operation(world: World, proxy: ProxyProcess, directory: Path) -> dict[str, str]:
+    """Each DIMSE operation once against `proxy`, with how long each took."""
+    ct = pydicom.dcmread(TEST_FILES / "CT_small.dcm")
+    study = ["-k", "QueryRetrieveLevel=STUDY", "-k", f"StudyInstanceUID={ct.StudyInstanceUID}"]
+    outputs = {}
+    for name, arguments in {
+        "echo": ["echoscu", "-v"],
+        "store": ["storescu", "-v"],
+        "find": ["findscu", "-v", "-S", "-k", "QueryRetrieveLevel=STUDY", "-k", "PatientName"],
+        "get": ["getscu", "-v", "-S", *study, "-od", str(directory)],
+        "move": ["movescu", "-v", "-S", "-aem", "MOVEDEST", *study],
+    }.items():
+        started = time.monotonic()
+        files = [str(TEST_FILES / "CT_small.dcm")] if name == "store" else []
+        outputs[name] = world.tool(arguments[0], *arguments[1:], *scu(proxy), *files, timeout=60)
+        assert time.monotonic() - started < 15, f"{name} took too long to fail"
+    return outputs
+
+
+def test_logged_out_or_service_down_fails_every_operation_quickly_and_keeps_serving(world, tmp_path):
+    logged_out = AzStub(tmp_path / "logged-out-az")
+    logged_out.configure(mode="logged_out")
+    for proxy, hint in (
+        (world.proxy("--move-destination", f"MOVEDEST=127.0.0.1:{DESTINATION_PORT}", az=logged_out), "az login"),
+        (
+            world.proxy("--move-destination", f"MOVEDEST=127.0.0.1:{DESTINATION_PORT}", upstream="http://127.0.0.1:9"),
+            "Check the --upstream URL",
+        ),
+    ):
+        for _round in range(2):  # and again: the gateway keeps serving
+            (tmp_path / "got").mkdir(exist_ok=True)
+            outputs = every_operation(world, proxy, tmp_path / "got")
+            assert "Received Echo Response (Success)" not in outputs["echo"], outputs["echo"]
+            assert store_statuses(outputs["store"]) == ["Refused: OutOfResources"], outputs["store"]
+            assert "Out of Resources" in outputs["find"] or "OutOfResources" in outputs["find"], outputs["find"]
+            assert "Received C-GET Response (Success)" not in outputs["get"], outputs["get"]
+            assert "Received Final Move Response (Success)" not in outputs["move"], outputs["move"]
+        log = proxy.output()
+        assert hint in log and "0xA700" in log
+    logged_out.stop_leftovers()
+
+
+def test_read_only_refuses_store_and_the_association_policy_holds(world, tmp_path):
+    proxy = world.proxy("--read-only", "--dimse-aet", "ARCHIVE", "--dimse-allow", "MODALITY", "--dimse-allow",
+                        "ELSEWHERE@192.0.2.7")  # fmt: skip
+    assert "Association Accepted" in world.tool("echoscu", "-v", *scu(proxy, "MODALITY", "ARCHIVE"))
+    wrong_called = world.tool("echoscu", "-v", *scu(proxy, "MODALITY", "DICOMPROXY"))
+    assert "Called AE Title Not Recognized" in wrong_called, wrong_called
+    for calling in ("STRANGER", "ELSEWHERE"):  # not listed; listed, but only from another address
+        refused = world.tool("echoscu", "-v", *scu(proxy, calling, "ARCHIVE"))
+        assert "Calling AE Title Not Recognized" in refused, refused
+    output = world.tool("storescu", "-v", *scu(proxy, "MODALITY", "ARCHIVE"), str(TEST_FILES / "CT_small.dcm"))
+    assert store_statuses(output) == [REFUSED], output
+    assert "--read-only" in proxy.output()
+
+
+def test_a_gateway_beyond_loopback_without_an_allow_list_refuses_to_start():
+    result = subprocess.run(
+        [sys.executable, "-m", "proxy", "serve", "--upstream", "https://ws.example", "--dimse-listen", "0.0.0.0:11112"],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        cwd=HERE.parent,
+    )
+    assert result.returncode == 2
+    assert result.stderr.count("\n") == 1 and "--dimse-allow" in result.stderr, result.stderr
+
+
+def test_metrics_count_operations_and_the_access_log_has_one_line_each_without_patients(world, gateway, stored):
+    metrics = world.http(f"{gateway.url}/-/metrics")
+    stores = re.search(r'dicom_proxy_dimse_operations_total\{operation="C-STORE",status="0x0000"\} (\d+)', metrics)
+    assert stores and int(float(stores.group(1))) >= sum(len(names) for names in STORED.values()), metrics
+    assert 'dicom_proxy_dimse_associations_total{result="accepted"}' in metrics
+    log = gateway.output()
+    lines = [line for line in log.splitlines() if "proxy.dimse:" in line and " count=" in line]
+    assert any(re.search(r" TESTSCU C-FIND STUDY count=4 status=0x0000 \d+\.\d+s$", line) for line in lines), lines
+    assert any(" C-STORE IMAGE count=1 status=0x0000 " in line for line in lines)
+    for secret in (*PATIENT_NAMES, "13US1", "4MR1"):
+        assert secret not in log
+
+
+@pytest.fixture(scope="module")
+def big_study(world: World, tmp_path_factory: pytest.TempPathFactory) -> tuple[str, list[Path], ProxyProcess]:
+    """300 CT instances of 512 KiB in three series, synthesised and sent with one storescu through a proxy of
+    their own (whose peak memory the memory test reads), for paging, memory and cancellation."""
+    home = tmp_path_factory.mktemp("big")
+    study = generate_uid()
+    series = [generate_uid() for _ in range(3)]
+    files = []
+    for number in range(BIG_STUDY_INSTANCES):
+        dataset = pydicom.Dataset()
+        dataset.file_meta = FileMetaDataset()
+        dataset.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+        dataset.SOPClassUID = dataset.file_meta.MediaStorageSOPClassUID = "1.2.840.10008.5.1.4.1.1.2"
+        dataset.SOPInstanceUID = dataset.file_meta.MediaStorageSOPInstanceUID = generate_uid()
+        dataset.StudyInstanceUID, dataset.SeriesInstanceUID = study, series[number % 3]
+        dataset.PatientName, dataset.PatientID, dataset.Modality = "Synthetic^Large", "LARGE1", "CT"
+        dataset.InstanceNumber = number + 1
+        dataset.Rows = dataset.Columns = 512
+        dataset.BitsAllocated, dataset.BitsStored, dataset.HighBit, dataset.PixelRepresentation = 16, 16, 15, 0
+        dataset.SamplesPerPixel, dataset.PhotometricInterpretation = 1, "MONOCHROME2"
+        dataset.PixelData = number.to_bytes(2, "little") * (512 * 512)
+        path = home / f"{number:04d}.dcm"
+        dataset.save_as(path, enforce_file_format=True)
+        files.append(path)
+    proxy = world.proxy()
+    output = world.tool("storescu", "-v", *scu(proxy), *map(str, files), timeout=300)
+    assert store_statuses(output) == ["Success"] * BIG_STUDY_INSTANCES, output[-2000:]
+    return study, files, proxy
+
+
+def test_a_large_study_streams_through_in_flat_memory_and_finds_page_with_offset(world, big_study, tmp_path):
+    study, files, proxy = big_study
+    (tmp_path / "got").mkdir()
+    output = world.tool(
+        "getscu", "-S", "-v", "-k", "QueryRetrieveLevel=STUDY", "-k", f"StudyInstanceUID={study}",
+        "-od", str(tmp_path / "got"), *scu(proxy), timeout=300,
+    )  # fmt: skip
+    assert "Number of Completed Suboperations : 300" in output, output[-2000:]
+    pending = re.findall(r"Received C-GET Response \(Pending\)", output)
+    assert len(pending) == BIG_STUDY_INSTANCES
+    got = sorted(tmp_path.joinpath("got").iterdir())
+    assert len(got) == BIG_STUDY_INSTANCES
+    by_uid = {pydicom.dcmread(path).SOPInstanceUID: path for path in files}
+    for path in got[::37]:
+        received = pydicom.dcmread(path)
+        assert received.PixelData == pydicom.dcmread(by_uid[received.SOPInstanceUID]).PixelData
+    study_mib = sum(path.stat().st_size for path in files) / 1024 / 1024
+    peak = proxy.peak_rss_mib()
+    assert study_mib > 140 and peak < 130, f"peak RSS {peak:.0f} MiB for a {study_mib:.0f} MiB study"
+
+    # 300 results are more than one QIDO-RS page (200): the rest come with offset.
+    _output, images = find(
+        world, proxy, tmp_path / "images", "QueryRetrieveLevel=IMAGE", f"StudyInstanceUID={study}", "SOPInstanceUID"
+    )
+    assert len({answer.SOPInstanceUID for answer in images}) == BIG_STUDY_INSTANCES
+
+
+def test_cancel_of_get_and_move_and_ten_concurrent_associations_with_pynetdicom(world, gateway, big_study, stored):
+    study, files, _proxy = big_study
+    port = str(gateway.dimse_port)  # type: ignore[attr-defined]
+    got = world.python("cancel-get", port, study)
+    assert got["statuses"][-1] == 0xFE00, got
+    assert 0 < got["stored"] < BIG_STUDY_INSTANCES and got["NumberOfRemainingSuboperations"] > 0, got
+    moved = world.python("cancel-move", port, study, "MOVEDEST")
+    assert moved["statuses"][-1] == 0xFE00, moved
+    assert moved["NumberOfRemainingSuboperations"] > 0, moved
+
+    concurrent = world.python("store-concurrently", port, "10", *map(str, files[:3]))
+    assert concurrent["statuses"] == [[0, 0, 0]] * 10, concurrent

@@ -1,0 +1,155 @@
+"""The DIMSE gateway's attribute mapping, with datasets and DICOM JSON only: no network."""
+
+from __future__ import annotations
+
+import warnings
+
+import pytest
+from pydicom import Dataset
+
+from proxy.dimse.mapping import (
+    IdentifierError,
+    InstanceRef,
+    answer,
+    instance_ref,
+    retrieval_for,
+    retrieve_paths,
+    search_for,
+)
+from proxy.dimse.status import IDENTIFIER_DOES_NOT_MATCH_SOP_CLASS, UNABLE_TO_PROCESS
+
+
+def identifier(level: str, **keys: object) -> Dataset:
+    dataset = Dataset()
+    dataset.QueryRetrieveLevel = level
+    with warnings.catch_warnings():
+        # Peers send what they like (a wildcard in a UID): pydicom's warning about it is not the point here.
+        warnings.simplefilter("ignore", UserWarning)
+        for keyword, value in keys.items():
+            setattr(dataset, keyword, value)
+    return dataset
+
+
+def test_values_match_empty_keys_are_included_and_wildcards_and_ranges_pass_through():
+    search = search_for(
+        identifier("STUDY", PatientName="Doe^J*", StudyDate="20200101-20201231", PatientID="", StudyInstanceUID="",
+                   ModalitiesInStudy="", AccessionNumber="A?1")
+    )  # fmt: skip
+    assert search.path == "studies"
+    assert search.params == (
+        ("00080020", "20200101-20201231"),
+        ("00080050", "A?1"),
+        ("includefield", "00080061"),
+        ("00100010", "Doe^J*"),
+        ("includefield", "00100020"),
+        ("includefield", "0020000D"),
+    )
+
+
+def test_a_single_study_uid_goes_into_the_path_and_a_uid_list_is_comma_separated():
+    series = search_for(identifier("SERIES", StudyInstanceUID="1.2.3", SeriesInstanceUID="", Modality="CT"))
+    assert series.path == "studies/1.2.3/series"
+    assert series.params == (("00080060", "CT"), ("includefield", "0020000E"))
+    images = search_for(identifier("IMAGE", StudyInstanceUID="1.2.3", SeriesInstanceUID="1.2.3.4", SOPInstanceUID=""))
+    assert images.path == "studies/1.2.3/series/1.2.3.4/instances"
+    listed = search_for(identifier("SERIES", StudyInstanceUID=["1.2.3", "1.2.4"], SeriesInstanceUID=""))
+    assert listed.path == "series" and ("0020000D", "1.2.3,1.2.4") in listed.params
+    wildcard = search_for(identifier("IMAGE", StudyInstanceUID="1.2.*"))
+    assert wildcard.path == "instances" and ("0020000D", "1.2.*") in wildcard.params
+
+
+def test_answers_carry_exactly_the_keys_asked_for_in_the_services_vrs():
+    search = search_for(
+        identifier("STUDY", PatientName="Doe*", StudyDate="", StudyTime="", ModalitiesInStudy="",
+                   NumberOfStudyRelatedInstances="", ReferringPhysicianName="", RetrieveAETitle="")
+    )  # fmt: skip
+    item = {
+        "00080020": {"vr": "DA", "Value": ["20240229"]},
+        "00080030": {"vr": "TM", "Value": ["101010.5"]},
+        "00080061": {"vr": "CS", "Value": ["CT", "MR"]},
+        "00100010": {"vr": "PN", "Value": [{"Alphabetic": "Doe^Jane"}]},
+        "00100020": {"vr": "LO", "Value": ["not asked for"]},
+        "0020000D": {"vr": "UI", "Value": ["1.2.3"]},
+        "00201208": {"vr": "IS", "Value": [7]},
+        "00081190": {"vr": "UR", "Value": ["https://service/studies/1.2.3"]},
+    }
+    result = answer(item, search, retrieve_aet="DICOMPROXY")
+    assert {element.keyword for element in result} == {
+        "QueryRetrieveLevel", "SpecificCharacterSet", "PatientName", "StudyDate", "StudyTime", "ModalitiesInStudy",
+        "NumberOfStudyRelatedInstances", "ReferringPhysicianName", "RetrieveAETitle", "StudyInstanceUID",
+    }  # fmt: skip
+    assert str(result.PatientName) == "Doe^Jane" and result["PatientName"].VR == "PN"
+    assert (result.StudyDate, result["StudyDate"].VR, result["StudyTime"].VR) == ("20240229", "DA", "TM")
+    assert list(result.ModalitiesInStudy) == ["CT", "MR"]
+    assert result.NumberOfStudyRelatedInstances == 7 and result["NumberOfStudyRelatedInstances"].VR == "IS"
+    assert result.StudyInstanceUID == "1.2.3" and result["StudyInstanceUID"].VR == "UI"
+    assert result.ReferringPhysicianName in (None, "") and result["ReferringPhysicianName"].VR == "PN"
+    assert result.RetrieveAETitle == "DICOMPROXY" and result.SpecificCharacterSet == "ISO_IR 192"
+
+
+def test_bulk_data_is_never_part_of_an_answer():
+    search = search_for(identifier("IMAGE", StudyInstanceUID="1.2", SeriesInstanceUID="1.2.3", IconImageSequence=[]))
+    result = answer({"00880200": {"vr": "SQ", "BulkDataURI": "https://x"}}, search, retrieve_aet="A")
+    assert result.IconImageSequence == []
+
+
+@pytest.mark.parametrize(
+    ("dataset", "status"),
+    [
+        (identifier("WARD"), IDENTIFIER_DOES_NOT_MATCH_SOP_CLASS),
+        (Dataset(), IDENTIFIER_DOES_NOT_MATCH_SOP_CLASS),
+        (identifier("PATIENT", PatientID="1"), UNABLE_TO_PROCESS),
+    ],
+)
+def test_levels_that_cannot_be_searched(dataset, status):
+    with pytest.raises(IdentifierError) as refused:
+        search_for(dataset)
+    assert refused.value.status == status
+
+
+def test_retrieves_list_instances_per_study_series_or_uid_batch():
+    assert retrieval_for(identifier("STUDY", StudyInstanceUID=["1.2", "1.3"]))[1][1].path == "studies/1.3/instances"
+    level, searches = retrieval_for(identifier("SERIES", StudyInstanceUID="1.2", SeriesInstanceUID="1.2.3"))
+    assert (level, [search.path for search in searches]) == ("SERIES", ["studies/1.2/series/1.2.3/instances"])
+    uids = [f"1.2.3.{number}" for number in range(120)]
+    level, searches = retrieval_for(
+        identifier("IMAGE", StudyInstanceUID="1.2", SeriesInstanceUID="1.2.3", SOPInstanceUID=uids)
+    )
+    assert [len(search.params[0][1].split(",")) for search in searches] == [50, 50, 20]
+
+
+@pytest.mark.parametrize(
+    "dataset",
+    [
+        identifier("STUDY"),
+        identifier("STUDY", StudyInstanceUID="1.2.*"),  # no wildcard in a retrieve
+        identifier("STUDY", StudyInstanceUID="../../admin"),  # never a path from the peer
+        identifier("SERIES", StudyInstanceUID=["1.2", "1.3"], SeriesInstanceUID="1.2.3"),
+        identifier("IMAGE", StudyInstanceUID="1.2", SeriesInstanceUID="1.2.3"),
+    ],
+)
+def test_retrieve_identifiers_that_are_refused(dataset):
+    with pytest.raises(IdentifierError):
+        retrieval_for(dataset)
+
+
+def test_listed_instances_become_wado_paths_per_series_or_per_instance():
+    refs = [
+        InstanceRef("1.2", "1.2.3", "1.2.3.1"),
+        InstanceRef("1.2", "1.2.3", "1.2.3.2"),
+        InstanceRef("1.2", "1.2.4", "9"),
+    ]
+    assert [(path, len(group)) for path, group in retrieve_paths("STUDY", refs)] == [
+        ("studies/1.2/series/1.2.3", 2),
+        ("studies/1.2/series/1.2.4", 1),
+    ]
+    assert retrieve_paths("IMAGE", refs[:1])[0][0] == "studies/1.2/series/1.2.3/instances/1.2.3.1"
+    item = {
+        "0020000D": {"vr": "UI", "Value": ["1.2"]},
+        "0020000E": {"vr": "UI", "Value": ["1.2.3"]},
+        "00080018": {"vr": "UI", "Value": ["1.2.3.1"]},
+        "00080016": {"vr": "UI", "Value": ["1.2.840.10008.5.1.4.1.1.2"]},
+    }
+    assert instance_ref(item) == InstanceRef("1.2", "1.2.3", "1.2.3.1", "1.2.840.10008.5.1.4.1.1.2")
+    with pytest.raises(IdentifierError):
+        instance_ref({**item, "0020000E": {"vr": "UI", "Value": ["../x"]}})
