@@ -32,6 +32,7 @@ from .rewrite import (
     BaseMapping,
     BodyTransform,
     DecodeError,
+    body_kind,
     body_transform,
     mapping_for,
     rewrite_headers,
@@ -62,8 +63,6 @@ DOCUMENT_READ_BUFFER = 256 * 1024
 # Answers of a known length up to this size are read whole and sent in one write (rewritten, if need be,
 # with their exact Content-Length); larger or unsized ones stream.
 WHOLE_ANSWER_LIMIT = 1024 * 1024
-# A small compressed answer that inflates past this is passed on compressed, not rewritten.
-WHOLE_INFLATE_LIMIT = 64 * 1024 * 1024
 # Headers that no longer describe a body once it has been inflated or rewritten.
 _STALE_AFTER_REWRITE = ("Content-Length", "Content-MD5")
 
@@ -230,18 +229,23 @@ class Forwarder:
         # A 206 starts mid-body, where a link cannot be recognised.
         if mapping is not None and has_body and upstream.status != 206:
             transform = body_transform(headers.get("Content-Type"), headers.get("Content-Encoding"), mapping)
-        length = upstream.content_length
-        if has_body and length is not None and length <= WHOLE_ANSWER_LIMIT:
-            body = await self._read_whole(request, upstream)
-            if transform is not None:
-                body = _transformed_whole(body, transform, headers)
-            return web.Response(status=upstream.status, reason=upstream.reason, headers=headers, body=body)
+        elif mapping is not None and request.method == "HEAD" and body_kind(headers.get("Content-Type")):
+            # A GET of it would be rewritten to another length; a HEAD must not promise the old one.
+            headers.popall("Content-Length", None)
+        first = b""
+        if has_body and upstream.content_length is not None and upstream.content_length <= WHOLE_ANSWER_LIMIT:
+            first = await self._read_whole(request, upstream)
+            body = _whole_body(first, transform, headers)
+            if body is not None:
+                return web.Response(status=upstream.status, reason=upstream.reason, headers=headers, body=body)
+            assert transform is not None
+            transform = transform.fresh()  # `first` streams out through a second pass
         if transform is not None:
             for stale in _STALE_AFTER_REWRITE:
                 headers.popall(stale, None)
             if transform.inflates:
                 headers.popall("Content-Encoding", None)
-        return await self._stream(request, upstream, headers, transform)
+        return await self._stream(request, upstream, headers, transform, first)
 
     async def _stream(
         self,
@@ -249,7 +253,9 @@ class Forwarder:
         upstream: aiohttp.ClientResponse,
         headers: CIMultiDict[str],
         transform: BodyTransform | None,
+        first: bytes = b"",
     ) -> web.StreamResponse:
+        """Stream the answer out, `first` (the body read so far) before the rest from the upstream."""
         response = web.StreamResponse(status=upstream.status, reason=upstream.reason, headers=headers)
         await response.prepare(request)
         if request.transport is not None and transform is None:
@@ -258,7 +264,8 @@ class Forwarder:
             # by the rewriting, not the copying, and keeps the default, which bounds memory per answer.
             request.transport.set_write_buffer_limits(high=WRITE_BUFFER_HIGH)
         try:
-            while chunk := await upstream.content.readany():
+            while chunk := first or await upstream.content.readany():
+                first = b""
                 pieces = (chunk,) if transform is None else transform.feed(chunk)
                 for piece in pieces:
                     if piece and not await self._write(request, response, piece):
@@ -298,15 +305,28 @@ class Forwarder:
             raise UpstreamUnreachable(f"the upstream broke off its answer ({type(exc).__name__})") from exc
 
 
-def _transformed_whole(body: bytes, transform: BodyTransform, headers: CIMultiDict[str]) -> bytes:
-    """A whole small body through `transform`, its headers made to match; as it came when nothing changed."""
-    rewritten = transform.whole(body, WHOLE_INFLATE_LIMIT)
+def _whole_body(body: bytes, transform: BodyTransform | None, headers: CIMultiDict[str]) -> bytes | None:
+    """A small answer's body to send in one write, its headers made to match; None when it must stream.
+
+    It must stream only when it is compressed, has links, and inflates past the whole-answer limit: a small
+    gzip answer can inflate to any size. Compressed without links, it goes out compressed as it came.
+    """
+    if transform is None:
+        return body
+    if not transform.inflates:
+        rewritten = transform.whole(body)
+    elif not transform.changes(body):
+        rewritten = None
+    elif transform.plain_size > WHOLE_ANSWER_LIMIT:
+        return None
+    else:
+        fresh = transform.fresh()
+        rewritten = b"".join(fresh.feed(body)) + fresh.finish()
+        headers.popall("Content-Encoding", None)
     if rewritten is None:
         return body
     for stale in _STALE_AFTER_REWRITE:
         headers.popall(stale, None)
-    if transform.inflates:
-        headers.popall("Content-Encoding", None)
     return rewritten
 
 

@@ -239,6 +239,7 @@ class BodyRewriter:
         self._rules, self._undecided, self._window = _plan(kind, mapping)
         self._held = b""
         self._last = b""  # the last byte handed out, which a rule may look back at
+        self.changed = False  # whether a link has been rewritten so far
 
     @property
     def pending(self) -> int:
@@ -266,14 +267,17 @@ class BodyRewriter:
         if not rules:
             return text
         if len(rules) == 1 and (quick := rules[0].quick(text, before)) is not None:
-            return quick
-        # Patterns look one byte beyond a link on either side. Neither of those bytes can be part of a link:
-        # the one before was not held back, the one after starts what is.
-        after = data[ready : ready + 1]
-        text = before + text + after
-        for rule in rules:
-            text = rule.pattern.sub(rule.replacement, text)
-        return text[len(before) : len(text) - len(after)]
+            rewritten = quick
+        else:
+            # Patterns look one byte beyond a link on either side. Neither of those bytes can be part of a
+            # link: the one before was not held back, the one after starts what is.
+            after = data[ready : ready + 1]
+            framed = before + text + after
+            for rule in rules:
+                framed = rule.pattern.sub(rule.replacement, framed)
+            rewritten = framed[len(before) : len(framed) - len(after)]
+        self.changed = self.changed or rewritten != text
+        return rewritten
 
 
 def rewrite_body(body: bytes, kind: str, mapping: BaseMapping) -> bytes | None:
@@ -385,9 +389,15 @@ def decode(body: bytes, content_encoding: str | None, limit: int) -> bytes | Non
 class BodyTransform:
     """What a JSON or XML answer goes through on its way to the client: inflated if encoded, then rewritten."""
 
-    def __init__(self, kind: BodyKind, mapping: BaseMapping, inflater: Inflater | None = None) -> None:
+    def __init__(self, kind: BodyKind, mapping: BaseMapping, encoding: str | None = None) -> None:
+        self._kind, self._mapping, self._encoding = kind, mapping, encoding
+        self.plain_size = 0  # identity bytes fed to the rewriter so far
         self._rewriter = BodyRewriter(kind, mapping)
-        self._inflater = inflater
+        self._inflater = inflater_for(encoding)
+
+    def fresh(self) -> BodyTransform:
+        """The same transform, unused: for a second pass over the same body."""
+        return BodyTransform(self._kind, self._mapping, self._encoding)
 
     @property
     def inflates(self) -> bool:
@@ -397,9 +407,11 @@ class BodyTransform:
     def feed(self, chunk: bytes) -> Iterator[bytes]:
         """Output pieces for `chunk`, each bounded (a small gzip chunk may inflate to a great deal)."""
         if self._inflater is None:
+            self.plain_size += len(chunk)
             yield self._rewriter.feed(chunk)
             return
         for piece in self._inflater.feed(chunk):
+            self.plain_size += len(piece)
             yield self._rewriter.feed(piece)
 
     def finish(self) -> bytes:
@@ -408,24 +420,23 @@ class BodyTransform:
             self._inflater.finish()
         return self._rewriter.finish()
 
-    def whole(self, body: bytes, limit: int) -> bytes | None:
-        """A whole small body at once; None to send it as it came: no link in it, it does not decode, or it
-        inflates past `limit` bytes (a bomb stays compressed)."""
-        plain = body
-        if self._inflater is not None:
-            pieces, size = [], 0
-            try:
-                for piece in self._inflater.feed(body):
-                    size += len(piece)
-                    if size > limit:
-                        return None
-                    pieces.append(piece)
-                self._inflater.finish()
-            except DecodeError:
-                return None
-            plain = b"".join(pieces)
-        rewritten = self._rewriter.feed(plain) + self._rewriter.finish()
-        return None if rewritten == plain else rewritten
+    def whole(self, body: bytes) -> bytes | None:
+        """A whole identity body rewritten at once, or None when no link in it changed."""
+        assert self._inflater is None, "an encoded body may inflate to any size: stream it"
+        rewritten = self._rewriter.feed(body) + self._rewriter.finish()
+        return rewritten if self._rewriter.changed else None
+
+    def changes(self, body: bytes) -> bool:
+        """Whether `body` (a whole one) holds a link to rewrite. Its output is dropped piece by piece, so an
+        encoded body costs no more memory than a piece however far it inflates; one that does not decode
+        holds none. The transform is used up: the rewriting itself needs a fresh one."""
+        try:
+            for _ in self.feed(body):
+                pass
+            self.finish()
+        except DecodeError:
+            return False
+        return self._rewriter.changed
 
 
 def body_transform(
@@ -441,5 +452,4 @@ def body_transform(
         return None
     if (content_encoding or "identity").strip().lower() == "identity":
         return BodyTransform(kind, mapping)
-    inflater = inflater_for(content_encoding)
-    return BodyTransform(kind, mapping, inflater) if inflater is not None else None
+    return BodyTransform(kind, mapping, content_encoding) if inflater_for(content_encoding) else None

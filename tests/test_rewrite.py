@@ -223,3 +223,29 @@ def test_a_host_without_its_port_gets_the_port_the_client_connected_to(start_pro
     proxy = start_proxy()
     answer = requests.post(f"{proxy.url}/v2/studies", data=b"DICM", headers={"Host": host}, timeout=10)
     assert answer.json()["00081190"]["Value"] == [f"http://{host}:{proxy.port}/v2/studies/1.2.3"]
+
+
+def test_a_small_gzip_answer_that_inflates_far_streams_out_rewritten_in_flat_memory(start_proxy, upstream):
+    proxy = start_proxy()
+    expected = hashlib.sha256(b"".join(metadata_stream(proxy.url, 60))).hexdigest()
+    received = hashlib.sha256()
+    with requests.get(
+        f"{proxy.url}/v2/gzip-json/60", headers={"Accept-Encoding": "gzip"}, stream=True, timeout=60
+    ) as answer:
+        assert answer.status_code == 200
+        assert "Content-Encoding" not in answer.headers
+        assert "Content-Length" not in answer.headers
+        for chunk in answer.iter_content(1024 * 1024):
+            received.update(chunk)
+    assert received.hexdigest() == expected
+    assert proxy.peak_rss_mib() < 100
+
+
+def test_a_head_does_not_promise_the_length_a_rewritten_get_would_not_have(start_proxy, upstream):
+    proxy = start_proxy()
+    head = requests.head(f"{proxy.url}/v2/xml", timeout=10)
+    assert head.status_code == 200
+    assert "Content-Length" not in head.headers
+    get = requests.get(f"{proxy.url}/v2/xml", timeout=10)
+    assert int(get.headers["Content-Length"]) == len(get.content)
+    assert f"{proxy.url}/v2/studies/1.2.3" in get.text

@@ -119,6 +119,7 @@ class Upstream:
         app.router.add_get("/v2/xml", self._xml)
         app.router.add_get("/v2/big-json/{mib}", self._big_json)
         app.router.add_get("/v2/stream-json/{mib}", self._stream_json)
+        app.router.add_get("/v2/gzip-json/{mib}", self._gzip_metadata)
         app.router.add_get("/v2/studies/{study}/series", self._multipart)
         app.router.add_get("/bytes/{size}", self._bytes)
         app.router.add_get("/reset/{size}", self._reset)
@@ -258,6 +259,11 @@ class Upstream:
         for piece in metadata_stream(self.url, int(request.match_info["mib"])):
             await response.write(piece)
         return response
+
+    async def _gzip_metadata(self, request: web.Request) -> web.Response:
+        """`mib` MiB of metadata, gzipped into a small answer with a Content-Length: a bomb with links."""
+        body = gzip.compress(b"".join(metadata_stream(self.url, int(request.match_info["mib"]))), 9)
+        return web.Response(body=body, headers={"Content-Encoding": "gzip", "Content-Type": "application/dicom+json"})
 
     async def _multipart(self, request: web.Request) -> web.Response:
         body = b"--xyz\r\nContent-Type: application/dicom\r\n\r\nDICM\r\n--xyz--\r\n"
