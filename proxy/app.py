@@ -191,7 +191,7 @@ class Proxy:
                 loggable(request.path),
                 error.status,
                 error.code,
-                error.detail,
+                loggable(error.detail),
             )
             answer = error_response(error)
             if not request.content.is_eof():

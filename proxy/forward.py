@@ -202,9 +202,13 @@ class Forwarder:
         if isinstance(exc, TimeoutError | aiohttp.ServerTimeoutError):
             request[UPSTREAM_FAILURE] = "timeout"
             return UpstreamTimeout(f"{url.host} did not answer within the timeout")
-        if isinstance(exc, aiohttp.ClientError):
+        if isinstance(exc, aiohttp.ClientConnectorError):
             request[UPSTREAM_FAILURE] = "connect"
-            return UpstreamUnreachable(f"cannot reach {url.host}: {exc or type(exc).__name__}")
+            return UpstreamUnreachable(f"cannot reach {url.host}: {exc.os_error.strerror or type(exc).__name__}")
+        if isinstance(exc, aiohttp.ClientError):
+            # Other errors quote the answer's bytes or the URL with its query: only their kind is told.
+            request[UPSTREAM_FAILURE] = "connect"
+            return UpstreamUnreachable(f"the answer from {url.host} could not be read ({type(exc).__name__})")
         return exc
 
     def _response_headers(

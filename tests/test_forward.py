@@ -397,3 +397,44 @@ def test_the_local_origin_takes_the_connections_port_when_the_host_has_none(host
     transport = Mock()
     transport.get_extra_info.return_value = ("127.0.0.1", 8080)
     assert local_origin(make_mocked_request("GET", "/v2", headers={"Host": host}, transport=transport)) == origin
+
+
+@pytest.mark.parametrize(
+    "answer",
+    [
+        b"HTTP/1.1 200 OK\r\nX-Bad\x01: PatientName\r\nContent-Length: 0\r\n\r\n",
+        b"HTTP/1.1 2OO OK\r\n\r\n",
+        b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\nContent-Length: 7\r\n\r\n",
+    ],
+    ids=["bad-header", "bad-status-line", "two-lengths"],
+)
+def test_a_malformed_upstream_answer_gets_502_and_neither_it_nor_the_query_is_logged(start_proxy, upstream, answer):
+    import socket
+    import threading
+
+    server = socket.socket()
+    server.bind(("127.0.0.1", 0))
+    server.listen()
+
+    def serve() -> None:
+        while True:
+            try:
+                connection, _ = server.accept()
+            except OSError:
+                return
+            with connection:
+                connection.recv(65536)
+                connection.sendall(answer)
+
+    threading.Thread(target=serve, daemon=True).start()
+    try:
+        proxy = start_proxy(upstream_url=f"http://127.0.0.1:{server.getsockname()[1]}")
+        response, body = get(proxy.url, "/v2/studies?PatientName=SECRETNAME")
+    finally:
+        server.close()
+    assert response.status == 502
+    assert json.loads(body)["error"] == "upstream_unreachable"
+    assert b"SECRETNAME" not in body and b"PatientName" not in body
+    proxy.stop()
+    assert "SECRETNAME" not in proxy.output()
+    assert "PatientName" not in proxy.output()
