@@ -292,11 +292,24 @@ class Forwarder:
         return response
 
     async def _write(self, request: web.BaseRequest, response: web.StreamResponse, chunk: bytes) -> bool:
+        """Write on; False when the client went away or stopped reading for the read timeout (then cut)."""
         try:
-            await response.write(chunk)
+            async with asyncio.timeout(self._silence):
+                await response.write(chunk)
         except ConnectionResetError:
             # The client went away; leaving closes the upstream connection, which cancels its side.
             logger.info("client went away during %s %s", request.method, loggable(request.path))
+            return False
+        except TimeoutError:
+            # A client that stops reading would hold this answer's buffers (and the upstream's) forever.
+            logger.warning(
+                "client read nothing of %s %s for %gs; closing its connection",
+                request.method,
+                loggable(request.path),
+                self._silence,
+            )
+            if request.transport is not None:
+                request.transport.abort()
             return False
         return True
 

@@ -438,3 +438,26 @@ def test_a_malformed_upstream_answer_gets_502_and_neither_it_nor_the_query_is_lo
     proxy.stop()
     assert "SECRETNAME" not in proxy.output()
     assert "PatientName" not in proxy.output()
+
+
+def test_a_client_that_stops_reading_a_download_is_cut_after_the_read_timeout(start_proxy, upstream):
+    import socket
+    import time
+
+    proxy = start_proxy("--read-timeout", "2")
+    with socket.create_connection(("127.0.0.1", proxy.port), timeout=30) as sock:
+        sock.sendall(b"GET /bytes/209715200 HTTP/1.1\r\nHost: localhost\r\n\r\n")
+        sock.recv(1024)  # the answer has started; now the client reads nothing more
+        wait_for(lambda: "client read nothing of GET /bytes" in proxy.output(), timeout=20, what="the cut")
+        # What was sent before the cut can still be read; then the connection ends.
+        deadline = time.monotonic() + 20
+        sock.settimeout(5)
+        closed = False
+        while not closed and time.monotonic() < deadline:
+            try:
+                closed = not sock.recv(1 << 20)
+            except ConnectionResetError:
+                closed = True
+        assert closed, "the proxy closed the connection"
+    assert get(proxy.url, "/echo/after")[0].status == 200
+    assert proxy.peak_rss_mib() < 100
