@@ -123,7 +123,7 @@ class Proxy:
         )
         self._local = {
             "/-/health": health,
-            "/-/ready": Readiness(tokens),
+            "/-/ready": Readiness(tokens, detailed=settings.access_key is None),
             "/-/metrics": self.metrics.endpoint,
             "/-/": status.page,
             "/-/status.json": status.json,

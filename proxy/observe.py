@@ -26,18 +26,24 @@ async def health(request: web.BaseRequest) -> web.Response:
 
 
 class Readiness:
-    """200 while a valid token is held and the service has not refused it; raises the reason otherwise."""
+    """200 while a valid token is held and the service has not refused it; raises the reason otherwise.
 
-    def __init__(self, tokens: TokenSource) -> None:
+    Probes need no access key, so with one configured the reason is only named (its code and hint): who
+    is signed in and what `az` said are for the log and the status page, which need the key.
+    """
+
+    def __init__(self, tokens: TokenSource, *, detailed: bool = True) -> None:
         self._tokens = tokens
+        self._detailed = detailed
 
     async def __call__(self, request: web.BaseRequest) -> web.Response:
-        if self._tokens.refusal is not None:
-            raise self._tokens.refusal
         token = self._tokens.current
-        if token is not None:
+        if token is not None and self._tokens.refusal is None:
             return web.json_response({"status": "ready", "token_expires_at": expiry_text(token.expires_on)})
-        raise self._tokens.last_error or NotReady("the first token has not been acquired yet")
+        reason = self._tokens.refusal or self._tokens.last_error or NotReady("the first token has not been acquired")
+        if self._detailed:
+            raise reason
+        raise type(reason)("not ready; the proxy's log and its status page /-/ say why", hint=reason.hint)
 
 
 class RequestIds:

@@ -15,6 +15,7 @@ import binascii
 import contextlib
 import json
 import logging
+import math
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
@@ -118,6 +119,7 @@ class TokenSource:
         self._backoffs = 0
         self._refused_until = 0.0
         self._refusal: TokenRefused | None = None
+        self._dropped_at = -math.inf  # when a refusal last dropped a token
 
     @property
     def current(self) -> Token | None:
@@ -149,7 +151,8 @@ class TokenSource:
         The first refusal drops the token (it may have been revoked). A token fetched after that refusal
         and refused again means the service refuses every token (wrong audience, no role): it is kept and
         no new one is fetched for a backoff window (10 s doubling to `max_backoff`), so requests get the
-        401 at once instead of each running `az`.
+        401 at once instead of each running `az`. Whatever the service accepts meanwhile, refusals drop at
+        most one token per `min_refresh_interval`.
         """
         token = self._cache.get(self._key)
         if token is None or token.value != value:
@@ -168,6 +171,10 @@ class TokenSource:
             )
             logger.error("%s; not fetching another for %.0fs. Hint: %s", refusal.detail, delay, refusal.hint)
             return False
+        if now - self._dropped_at < self._min_refresh_interval:
+            # Tokens refused on some paths and accepted on others: at most one fresh token per interval.
+            return False
+        self._dropped_at = now
         del self._cache[self._key]
         self._retry_at = 0.0
         return True

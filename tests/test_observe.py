@@ -219,3 +219,17 @@ def test_the_open_files_limit_is_raised_to_the_hard_limit(start_proxy, upstream)
     limits = Path(f"/proc/{proxy.process.pid}/limits").read_text()
     soft, hard = next(line for line in limits.splitlines() if line.startswith("Max open files")).split()[3:5]
     assert soft == hard
+
+
+def test_with_an_access_key_ready_names_the_reason_but_not_who_is_signed_in(start_proxy, az, upstream, tmp_path):
+    key_file = tmp_path / "key"
+    key_file.write_text(KEY)
+    az.configure(audience="https://management.azure.com")
+    proxy = start_proxy("--access-key-file", str(key_file))
+    for _ in range(2):  # the start-up token and its replacement are both refused
+        requests.get(f"{proxy.url}/echo/x", headers={"X-Dicom-Proxy-Key": KEY}, timeout=10)
+    ready = requests.get(f"{proxy.url}/-/ready", headers={"Host": "10.0.0.1:8080"}, timeout=10)
+    assert ready.status_code == 503
+    assert ready.json()["error"] == "token_refused"
+    assert "--audience" in ready.json()["hint"]
+    assert "radiologist" not in ready.text and "tenant-one" not in ready.text and "audience '" not in ready.text

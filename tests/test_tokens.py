@@ -391,3 +391,17 @@ async def test_a_caller_that_goes_away_does_not_cancel_the_shared_acquisition():
     assert await asyncio.wait_for(staying, 5) == "token-1"
     assert leaving.cancelled()
     assert credential.calls == 1
+
+
+async def test_refusals_on_some_paths_and_acceptance_on_others_fetch_at_most_one_token_per_interval():
+    clock = Clock()
+    credential = FakeCredential(3600, clock=clock)
+    source = TokenSource(credential, SCOPE, clock=clock)
+    for _ in range(10):  # a path that answers 401, then one that answers 200, over and over
+        token = await source.get()
+        source.refused(token, "401: this path")
+        await source.get()
+        source.accepted()
+    assert credential.calls == 2, "one fresh token for the first refusal, none for the next nine"
+    clock.now += 10
+    assert source.refused(await source.get(), "401: this path") is True
