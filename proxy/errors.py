@@ -23,16 +23,24 @@ from __future__ import annotations
 
 import re
 
-# C0 and C1 control characters and DEL: a logged path holding them could forge log lines or drive a
-# terminal (issue 10).
-_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")
+# C0 and C1 control characters and DEL, Unicode line and paragraph separators, and the invisible format
+# characters that reorder or hide text (bidi overrides, zero-width): a logged path holding them could
+# forge log lines, drive a terminal or show one thing while saying another.
+_CONTROL = re.compile(
+    "[\x00-\x1f\x7f-\x9f\u00ad\u061c\u180e\u200b-\u200f\u2028-\u202e\u2060-\u206f\ufeff\ufff9-\ufffb]"
+)
 
 
 def loggable(text: str, limit: int = 300) -> str:
     """`text` (a client's path) with control characters escaped, cut to `limit`, safe for one log line."""
     if len(text) > limit:
         text = text[:limit] + "..."
-    return _CONTROL.sub(lambda match: f"\\x{ord(match.group()):02x}", text)
+    return _CONTROL.sub(_escape, text)
+
+
+def _escape(match: re.Match[str]) -> str:
+    code = ord(match.group())
+    return f"\\x{code:02x}" if code < 0x100 else f"\\u{code:04x}"
 
 
 class ProxyError(Exception):

@@ -92,15 +92,18 @@ def test_request_ids_are_sent_back_and_logged(start_proxy, upstream):
     generated = requests.get(f"{proxy.url}/echo/x", timeout=10).headers["X-Request-Id"]
     following = requests.get(f"{proxy.url}/echo/x", timeout=10).headers["X-Request-Id"]
     assert re.fullmatch(r"[0-9a-f]{22}", generated) and following != generated
-    kept = requests.get(f"{proxy.url}/echo/x", headers={"X-Request-Id": "viewer-42"}, timeout=10)
-    assert kept.headers["X-Request-Id"] == "viewer-42"
-    forged = requests.get(f"{proxy.url}/echo/x", headers={"X-Request-Id": 'a b" injected=1'}, timeout=10)
-    assert forged.headers["X-Request-Id"] != 'a b" injected=1'
+    viewer_id = "3f2b6a1c-8d4e-4f7a-9b0c-1d2e3f4a5b6c"  # a UUID, as viewers send
+    kept = requests.get(f"{proxy.url}/echo/x", headers={"X-Request-Id": viewer_id}, timeout=10)
+    assert kept.headers["X-Request-Id"] == viewer_id
+    for text in ('a b" injected=1', "PatientID.DOE-JOHN.19700101"):  # free text could carry a name into the log
+        replaced = requests.get(f"{proxy.url}/echo/x", headers={"X-Request-Id": text}, timeout=10)
+        assert replaced.headers["X-Request-Id"] != text
     refused = requests.get(f"{proxy.url}/echo/x", headers={"Host": "evil.example"}, timeout=10)
     assert refused.headers["X-Request-Id"]
     proxy.stop()
     output = proxy.output()
-    assert f"id={generated}" in output and "id=viewer-42" in output
+    assert f"id={generated}" in output and f"id={viewer_id}" in output
+    assert "DOE-JOHN" not in output
 
 
 def test_the_banner_says_what_to_paste_and_who_is_signed_in(start_proxy, upstream):
@@ -203,7 +206,7 @@ def test_malformed_requests_get_json_and_leave_no_client_bytes_in_the_log(start_
 def test_logged_paths_cannot_forge_lines_or_carry_terminal_escapes(start_proxy, upstream):
     proxy = start_proxy()
     forged = "2026-11-26 00:00:00,000 INFO aiohttp.access: FORGED"
-    path = "/echo/x%0a" + forged.replace(" ", "%20") + "%1b[31m%0d%07"
+    path = "/echo/x%0a" + forged.replace(" ", "%20") + "%1b[31m%0d%07%E2%80%A8%E2%80%AEevil"
     answer = raw_exchange(proxy.port, f"GET {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n".encode())
     assert answer.startswith(b"HTTP/1.1 200")
     proxy.stop()
@@ -211,6 +214,7 @@ def test_logged_paths_cannot_forge_lines_or_carry_terminal_escapes(start_proxy, 
     assert not any(line.startswith(forged) for line in log.splitlines())
     assert "\x1b" not in log and "\x07" not in log and "\r" not in log
     assert "/echo/x\\x0a2026-11-26" in log
+    assert "\u2028" not in log and "\u202e" not in log
     assert upstream.seen[0].raw_path == path, "the path itself is forwarded as it came"
 
 
