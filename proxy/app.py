@@ -194,8 +194,9 @@ class Proxy:
                 loggable(error.detail),
             )
             answer = error_response(error)
-            if not request.content.is_eof():
-                # A refused or stalled upload is not read to its end only to keep the connection.
+            if isinstance(error, RequestRefused) or not request.content.is_eof():
+                # A refused or stalled upload is not read to its end only to keep the connection, and after
+                # a request refused for its form or framing, the next bytes cannot be trusted either.
                 answer.force_close()
         if not answer.prepared:
             self.decorate(request, answer.headers)
@@ -245,10 +246,10 @@ class Proxy:
 
 async def _invite_body(request: web.BaseRequest) -> None:
     """Answer `Expect: 100-continue` only now that the guard let the request through (RFC 9110 10.1.1)."""
-    expect = request.headers.get("Expect")
-    if expect is None:
+    expectations = request.headers.getall("Expect", ())
+    if not expectations:
         return
-    if expect.strip().lower() != "100-continue":
+    if any(expect.strip().lower() != "100-continue" for expect in expectations):
         raise ExpectationFailed("the request's Expect header asks for something other than 100-continue")
     if request.version >= aiohttp.HttpVersion11:
         await request.writer.write(_CONTINUE)

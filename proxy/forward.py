@@ -75,7 +75,7 @@ def local_origin(request: web.BaseRequest) -> str:
     Some clients send a Host without the port (dicomweb-client does, on non-default ports); links built
     from it would point at port 80, so the port the connection arrived on fills the gap.
     """
-    host = request.host
+    host = request.host.removesuffix(":")  # "localhost:" is a Host with an empty port
     name, colon, port = host.rpartition(":")
     # "[::1]" ends in a colon-free "1]": only digits after a colon outside the brackets are a port.
     has_port = bool(colon) and port.isdigit() and (not name.startswith("[") or name.endswith("]"))
@@ -114,7 +114,9 @@ class Forwarder:
     def upstream_url(self, raw_target: str) -> URL:
         """The upstream URL for a raw origin-form target, byte for byte, never above the base path."""
         path = raw_target.split("?", 1)[0]
-        if any(segment in (".", "..") for segment in _SEGMENT_SEPARATORS.split(unquote(path))):
+        # Decoded twice (%252e), with ';' parameters and NULs cut off (..;/ and ..%00 climb on some servers).
+        segments = _SEGMENT_SEPARATORS.split(unquote(unquote(path)))
+        if any(segment.split(";", 1)[0].split("\x00", 1)[0] in (".", "..") for segment in segments):
             raise RequestRefused("the path contains '.' or '..' segments, which could climb above the base path")
         return URL(self._origin + upstream_path(self._base_path, raw_target), encoded=True)
 

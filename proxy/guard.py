@@ -44,7 +44,7 @@ class Policy:
 
 
 class OriginFormOnly(Policy):
-    """Refuse CONNECT, TRACE and absolute-form targets: this is a reverse proxy, not an open one."""
+    """Refuse CONNECT, TRACE, absolute-form targets and odd framing: a reverse proxy, not an open one."""
 
     REFUSED_METHODS = frozenset({"CONNECT", "TRACE"})
 
@@ -53,6 +53,11 @@ class OriginFormOnly(Policy):
             raise RequestRefused(f"{request.method} is not served; this is not an open proxy")
         if not request.raw_path.startswith("/"):
             raise RequestRefused("the request target is not a path; this is not an open proxy")
+        codings = request.headers.getall("Transfer-Encoding", ())
+        if codings and ([coding.strip().lower() for coding in codings] != ["chunked"] or request.version < (1, 1)):
+            # The body would be forwarded de-chunked with its other coding unnamed, corrupting what the service
+            # stores; and HTTP/1.0 has no chunked framing at all (RFC 9112 6.1).
+            raise RequestRefused("only 'Transfer-Encoding: chunked' on HTTP/1.1 is accepted")
 
 
 class HostAllowlist(Policy):
@@ -103,7 +108,7 @@ class AccessKey(Policy):
     def presented(self, request: web.BaseRequest) -> bytes | None:
         header = request.headers.get(ACCESS_KEY_HEADER)
         if header is not None:
-            # The parser keeps undecodable bytes as surrogates; they make a wrong key, not a crash.
+            # A key that is not UTF-8 must make a wrong key, never a crash.
             return header.encode("utf-8", "surrogateescape")
         authorization = request.headers.get("Authorization", "")
         scheme, _, credentials = authorization.partition(" ")

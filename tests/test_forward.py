@@ -86,7 +86,16 @@ def test_paths_and_queries_pass_byte_for_byte(start_proxy, upstream, curl):
 
 @pytest.mark.parametrize(
     "target",
-    ["/echo/../private", "/echo/%2e%2e/private", "/echo/.%2E/private", "/echo/..%5Cprivate", "/echo/./x"],
+    [
+        "/echo/../private",
+        "/echo/%2e%2e/private",
+        "/echo/.%2E/private",
+        "/echo/..%5Cprivate",
+        "/echo/./x",
+        "/echo/..;/private",
+        "/echo/%252e%252e/private",
+        "/echo/..%00/private",
+    ],
 )
 def test_paths_that_climb_above_the_base_are_refused(start_proxy, upstream, target):
     proxy = start_proxy()
@@ -461,3 +470,20 @@ def test_a_client_that_stops_reading_a_download_is_cut_after_the_read_timeout(st
         assert closed, "the proxy closed the connection"
     assert get(proxy.url, "/echo/after")[0].status == 200
     assert proxy.peak_rss_mib() < 100
+
+
+def test_method_override_headers_never_reach_the_upstream(start_proxy, upstream):
+    proxy = start_proxy("--read-only")
+    response, _ = get(proxy.url, "/echo/x", headers={"X-HTTP-Method-Override": "DELETE", "X-HTTP-Method": "DELETE"})
+    assert response.status == 200
+    assert not {"x-http-method-override", "x-http-method"} & upstream.seen[-1].header_names()
+
+
+def test_a_host_with_an_empty_port_gives_working_links(start_proxy, upstream):
+    proxy = start_proxy()
+    answer = raw_exchange(
+        proxy.port,
+        b"POST /v2/studies HTTP/1.1\r\nHost: localhost:\r\nContent-Length: 4\r\nConnection: close\r\n\r\nDICM",
+    )
+    assert answer.startswith(b"HTTP/1.1 200")
+    assert f"http://localhost:{proxy.port}/v2/studies/1.2.3".encode() in answer

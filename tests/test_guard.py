@@ -181,8 +181,19 @@ def test_a_literal_star_allows_any_origin_with_a_warning(start_proxy, upstream):
         b"GET /echo/x HTTP/1.1\r\nHost: localhost\r\nX-Big: " + b"a" * 70000 + b"\r\n\r\n",
         b"GET /echo/x HTTP/1.1\r\nHost: localhost\r\nBad Header\r\n\r\n",
         b"\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03 not http at all\r\n\r\n",
+        b"POST /echo/x HTTP/1.1\r\nHost: localhost\r\nTransfer-Encoding: gzip, chunked\r\n\r\n0\r\n\r\n",
+        b"POST /echo/x HTTP/1.0\r\nHost: localhost\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n",
     ],
-    ids=["cl-and-te", "two-lengths", "te-not-chunked-last", "huge-header", "malformed-header", "tls-to-plain"],
+    ids=[
+        "cl-and-te",
+        "two-lengths",
+        "te-not-chunked-last",
+        "huge-header",
+        "malformed-header",
+        "tls-to-plain",
+        "te-with-a-coding",
+        "te-on-http-1.0",
+    ],
 )
 def test_bad_framing_is_refused_and_the_proxy_keeps_serving(start_proxy, upstream, request_bytes):
     proxy = start_proxy()
@@ -368,12 +379,12 @@ def test_100_continue_comes_only_after_the_checks(start_proxy, upstream, key_fil
         assert status_line(answer) == b"HTTP/1.1 100 Continue"
 
 
-def test_an_unknown_expectation_gets_417_json(start_proxy, upstream):
+@pytest.mark.parametrize("expect", [b"Expect: teapot\r\n", b"Expect: 100-continue\r\nExpect: teapot\r\n"])
+def test_an_unknown_expectation_gets_417_json(start_proxy, upstream, expect):
     proxy = start_proxy()
     answer = raw_exchange(
         proxy.port,
-        b"POST /echo/x HTTP/1.1\r\nHost: localhost\r\nExpect: teapot\r\nContent-Length: 2\r\n"
-        b"Connection: close\r\n\r\nhi",
+        b"POST /echo/x HTTP/1.1\r\nHost: localhost\r\n" + expect + b"Content-Length: 2\r\nConnection: close\r\n\r\nhi",
     )
     assert status_line(answer) == b"HTTP/1.1 417 Expectation Failed"
     assert json.loads(answer.split(b"\r\n\r\n", 1)[1])["error"] == "expectation_failed"
