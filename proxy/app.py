@@ -37,7 +37,7 @@ from .errors import (
 )
 from .forward import UPSTREAM_FAILURE, Forwarder
 from .guard import Guard
-from .logs import MALFORMED, AccessLogger
+from .logs import MALFORMED, AccessLogger, access_line
 from .metrics import Metrics
 from .observe import REQUEST_ID, REQUEST_ID_HEADER, Readiness, RequestIds, health
 from .session import READ_BUFFER, upstream_session
@@ -49,6 +49,9 @@ if TYPE_CHECKING:
     from .dimse import Gateway
 
 logger = logging.getLogger("proxy")
+ACCESS_LOG = logging.getLogger("aiohttp.access")
+# Set once the guard let a request on to the upstream: what the status page lists.
+FORWARDED = web.RequestKey("forwarded", bool)
 
 Endpoint = Callable[[web.BaseRequest], Awaitable[web.StreamResponse]]
 
@@ -165,10 +168,15 @@ class Proxy:
                 status = response.status
                 sent = response.body_length if response.prepared else response.content_length or 0
             self.metrics.end(request, status, sent, started, request.get(UPSTREAM_FAILURE))
-            path = request.path
-            # The proxy's own endpoints stay out: the status page's refreshes would push the viewer's out.
-            if not path.startswith("/-/"):
-                self.recent.append((time.time(), request.method, path, status, time.perf_counter() - started))
+            seconds = time.perf_counter() - started
+            # Only what was forwarded: the status page's refreshes, or a hostile page's refused requests,
+            # would push the viewer's out.
+            if request.get(FORWARDED):
+                self.recent.append((time.time(), request.method, request.path, status, seconds))
+            if response is None:
+                # aiohttp logs only answers it finished; a client that went away mid-answer gets its line here.
+                access_line(ACCESS_LOG, request.remote, request.method, loggable(request.path), None, sent, seconds,
+                            request.get(REQUEST_ID))  # fmt: skip
 
     async def _answer(self, request: web.BaseRequest) -> web.StreamResponse:
         try:
@@ -182,6 +190,7 @@ class Proxy:
                     answer = await endpoint(request)
                 else:
                     assert self._forwarder is not None, "start() was not awaited"
+                    request[FORWARDED] = True
                     await _invite_body(request)
                     answer = await self._forwarder(request)
         except ProxyError as error:
@@ -309,6 +318,8 @@ class _Connection(web.RequestHandler):
                 f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n"
             )
             self.transport.write(head.encode() + body)
+            peer = self.transport.get_extra_info("peername")
+            access_line(ACCESS_LOG, peer[0] if peer else None, "-", "-", 408, len(body), self._silence, None)
         self.force_close()
 
     def handle_error(

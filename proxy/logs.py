@@ -26,28 +26,53 @@ class AccessLogger(AbstractAccessLogger):
     """One line per request; the query string is left out because it can hold patient names."""
 
     def log(self, request: web.BaseRequest, response: web.StreamResponse, time: float) -> None:
-        request_id = request.get(REQUEST_ID, "-")
-        method, path = ("-", "-") if request.get(MALFORMED) else (request.method, loggable(request.path))
-        fields = {
-            "client": request.remote,
-            "method": method,
-            "path": path,
-            "status": response.status,
-            "bytes": response.body_length,
-            "seconds": round(time, 4),
-            "request_id": request_id,
-        }
-        self.logger.info(
-            '%s "%s %s" %d %d %.3fs id=%s',
+        if request.get(MALFORMED):
+            method, path = "-", "-"
+        else:
+            method, path = request.method, loggable(request.path)
+        access_line(
+            self.logger,
             request.remote,
             method,
             path,
             response.status,
             response.body_length,
             time,
-            request_id,
-            extra={"access": fields},
+            request.get(REQUEST_ID),
         )
+
+
+def access_line(
+    log: logging.Logger,
+    client: str | None,
+    method: str,
+    path: str,
+    status: int | None,
+    size: int,
+    seconds: float,
+    request_id: str | None,
+) -> None:
+    """The access line; `status` None for an exchange that broke off before its answer was complete."""
+    fields = {
+        "client": client,
+        "method": method,
+        "path": path,
+        "status": status,
+        "bytes": size,
+        "seconds": round(seconds, 4),
+        "request_id": request_id or "-",
+    }
+    log.info(
+        '%s "%s %s" %s %d %.3fs id=%s',
+        client,
+        method,
+        path,
+        "-" if status is None else status,
+        size,
+        seconds,
+        request_id or "-",
+        extra={"access": fields},
+    )
 
 
 class JsonFormatter(logging.Formatter):

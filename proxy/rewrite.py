@@ -28,6 +28,7 @@ URL_HEADERS = ("Location", "Content-Location")
 _JSON_TYPES = frozenset({"application/json", "application/dicom+json"})
 _XML_TYPES = frozenset({"application/dicom+xml", "application/xml", "text/xml"})
 _VERSION_SEGMENT = re.compile(r"/v\d+(\.\d+)?$")
+_PLAIN_MEDIA_TYPE = re.compile(r"^[A-Za-z0-9!#$&^_.+-]+/[A-Za-z0-9!#$&^_.+-]+$")
 _STARTS_WITH_VERSION = re.compile(r"^/v\d+(\.\d+)?(/|$|\?)")
 
 # Pretty-printed XML may put a line break and indentation between a tag and its URL. More than this is not
@@ -134,7 +135,10 @@ def with_multipart_type(content_type: str | None, accept: str | None) -> str | N
     }
     if len(wanted) != 1:
         return None
-    return f'{content_type}; type="{wanted.pop()}"'
+    wanted_type = wanted.pop()
+    # Only a plain media type is copied into the answer's header: never quotes or RFC 2231 forms.
+    plain = isinstance(wanted_type, str) and _PLAIN_MEDIA_TYPE.match(wanted_type)
+    return f'{content_type}; type="{wanted_type}"' if plain else None
 
 
 # Streaming body rewriting ---------------------------------------------------------------------------

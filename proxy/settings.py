@@ -34,6 +34,7 @@ DEFAULT_DIMSE_AET = "DICOMPROXY"
 _TRUE = {"1", "true", "yes", "on"}
 _FALSE = {"0", "false", "no", "off", ""}
 _TENANT = re.compile(r"^[0-9A-Za-z.-]+$")
+_NOT_A_PLAIN_URL = re.compile(r"[\s\"'<>\\]")
 
 
 @dataclass(frozen=True)
@@ -355,6 +356,9 @@ def _upstream_url(value: Any, insecure: bool) -> URL:
         raise ConfigurationError(f"--upstream: {value!r} must be an https:// URL with a host")
     if url.query_string or url.fragment or url.user or url.password:
         raise ConfigurationError(f"--upstream: {value!r} must not carry credentials, a query or a fragment")
+    if _NOT_A_PLAIN_URL.search(str(url)):
+        # Such a base could not be told apart from the text around it in a body, so links could not be rewritten.
+        raise ConfigurationError(f"--upstream: {value!r} holds a quote, bracket, backslash or space")
     if url.scheme == "http" and not is_loopback(url.host) and not insecure:
         raise ConfigurationError(
             f"--upstream: {value!r} is plain http to another machine, which would send the token in "

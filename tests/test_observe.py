@@ -237,3 +237,20 @@ def test_with_an_access_key_ready_names_the_reason_but_not_who_is_signed_in(star
     assert ready.json()["error"] == "token_refused"
     assert "--audience" in ready.json()["hint"]
     assert "radiologist" not in ready.text and "tenant-one" not in ready.text and "audience '" not in ready.text
+
+
+async def test_a_client_that_goes_away_mid_answer_still_gets_an_access_line(start_proxy, upstream):
+    import aiohttp
+
+    proxy = start_proxy()
+    async with aiohttp.ClientSession() as client:
+        async with client.get(f"{proxy.url}/endless") as response:
+            await response.content.read(65536)
+    wait_for(lambda: '"GET /endless" - ' in proxy.output(), what="the access line of the cut answer")
+
+
+def test_a_client_silent_before_its_request_ends_gets_an_access_line(start_proxy, upstream):
+    proxy = start_proxy("--read-timeout", "1")
+    answer = raw_exchange(proxy.port, b"GET /echo/x HTTP/1.1\r\nHost: loc")
+    assert answer.startswith(b"HTTP/1.1 408")
+    wait_for(lambda: '"- -" 408' in proxy.output(), what="the access line of the 408")

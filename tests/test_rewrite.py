@@ -249,3 +249,18 @@ def test_a_head_does_not_promise_the_length_a_rewritten_get_would_not_have(start
     get = requests.get(f"{proxy.url}/v2/xml", timeout=10)
     assert int(get.headers["Content-Length"]) == len(get.content)
     assert f"{proxy.url}/v2/studies/1.2.3" in get.text
+
+
+@pytest.mark.parametrize(
+    "accept",
+    ['multipart/related; type="a\\"b"', "multipart/related; type*=utf-8''application%2Fdicom"],
+)
+def test_an_odd_type_in_accept_is_not_copied_into_the_answer(accept):
+    assert with_multipart_type("multipart/related; boundary=x", accept) is None
+
+
+def test_an_upstream_that_could_not_be_found_in_bodies_is_refused_at_start(capsys):
+    from proxy.cli import main
+
+    assert main(["serve", "--upstream", "http://127.0.0.1:8042/d'x"]) == 2
+    assert "quote" in capsys.readouterr().err
