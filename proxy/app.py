@@ -386,7 +386,13 @@ async def serve(settings: Settings, *, announce: bool = True) -> None:
             proxy.log_banner()
         await stop.wait()
     finally:
-        await runner.cleanup()
+        try:
+            # aiohttp waits up to its timeout for handlers, then as long again after cancelling them: the
+            # grace is kept here instead, and run() cancels what is still running.
+            async with asyncio.timeout(settings.shutdown_grace):
+                await runner.cleanup()
+        except TimeoutError:
+            logger.warning("requests still in flight after --shutdown-grace %gs are cut", settings.shutdown_grace)
         await proxy.close()
 
 
@@ -434,9 +440,6 @@ def _fast_event_loop() -> asyncio.AbstractEventLoop:
 def run(settings: Settings, *, announce: bool = True) -> None:
     """Serve in a fresh event loop until SIGINT/SIGTERM."""
     raise_open_file_limit()
-    loop = _fast_event_loop()
-    try:
-        loop.run_until_complete(serve(settings, announce=announce))
-    finally:
-        loop.run_until_complete(loop.shutdown_asyncgens())
-        loop.close()
+    # asyncio.Runner cancels whatever still runs when serve() returns, and closes the loop.
+    with asyncio.Runner(loop_factory=_fast_event_loop) as runner:
+        runner.run(serve(settings, announce=announce))
