@@ -58,6 +58,7 @@ Endpoint = Callable[[web.BaseRequest], Awaitable[web.StreamResponse]]
 # Header limits (aiohttp's defaults are 8 KiB); DICOMweb requests carry short headers.
 MAX_LINE_SIZE = 16 * 1024
 MAX_FIELD_SIZE = 16 * 1024
+LISTEN_BACKLOG = 1024
 # Idle keep-alive connections are closed after this long (aiohttp's web.run_app default).
 KEEPALIVE_TIMEOUT = 75.0
 _CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
@@ -380,7 +381,14 @@ async def serve(settings: Settings, *, announce: bool = True) -> None:
     runner = web.ServerRunner(build_server(proxy), shutdown_timeout=settings.shutdown_grace)
     await runner.setup()
     try:
-        site = web.TCPSite(runner, settings.listen_host, settings.listen_port, reuse_port=settings.workers > 1 or None)
+        site = web.TCPSite(
+            runner,
+            settings.listen_host,
+            settings.listen_port,
+            reuse_port=settings.workers > 1 or None,
+            # A viewer opens dozens of connections at once; with aiohttp's 128 some wait a second for a SYN retry.
+            backlog=LISTEN_BACKLOG,
+        )
         await site.start()
         if announce:
             proxy.log_banner()

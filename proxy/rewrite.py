@@ -12,6 +12,7 @@ are undone on the way (`Inflater`); other bodies stream untouched.
 
 from __future__ import annotations
 
+import functools
 import re
 import zlib
 from collections.abc import Callable, Iterator
@@ -46,6 +47,16 @@ class BaseMapping:
 
     upstream: str
     local: str
+
+    @functools.cached_property
+    def _needles(self) -> tuple[bytes, bytes]:
+        upstream = self.upstream.encode()
+        return upstream, upstream.replace(b"/", b"\\/")
+
+    def found_in(self, body: bytes) -> bool:
+        """Whether an identity body holds the upstream base at all, in either JSON form: most answers don't."""
+        plain, escaped = self._needles
+        return plain in body or escaped in body
 
     def rewrite_url(self, value: str) -> str:
         if not value.startswith(self.upstream):
@@ -394,14 +405,14 @@ class BodyTransform:
     """What a JSON or XML answer goes through on its way to the client: inflated if encoded, then rewritten."""
 
     def __init__(self, kind: BodyKind, mapping: BaseMapping, encoding: str | None = None) -> None:
-        self._kind, self._mapping, self._encoding = kind, mapping, encoding
+        self._kind, self.mapping, self._encoding = kind, mapping, encoding
         self.plain_size = 0  # identity bytes fed to the rewriter so far
         self._rewriter = BodyRewriter(kind, mapping)
         self._inflater = inflater_for(encoding)
 
     def fresh(self) -> BodyTransform:
         """The same transform, unused: for a second pass over the same body."""
-        return BodyTransform(self._kind, self._mapping, self._encoding)
+        return BodyTransform(self._kind, self.mapping, self._encoding)
 
     @property
     def inflates(self) -> bool:
