@@ -26,6 +26,7 @@ from azure.core.credentials_async import AsyncSupportsTokenInfo
 from multidict import CIMultiDict
 
 from . import __version__
+from .connection import ACCESS_LOG, HttpServer
 from .credentials import build_credential, end_child_processes
 from .errors import (
     AccessKeyRequired,
@@ -49,7 +50,6 @@ if TYPE_CHECKING:
     from .dimse import Gateway
 
 logger = logging.getLogger("proxy")
-ACCESS_LOG = logging.getLogger("aiohttp.access")
 # Set once the guard let a request on to the upstream: what the status page lists.
 FORWARDED = web.RequestKey("forwarded", bool)
 
@@ -265,94 +265,11 @@ async def _invite_body(request: web.BaseRequest) -> None:
         await request.writer.write(_CONTINUE)
 
 
-class _Connection(web.RequestHandler):
-    """One client connection: aiohttp's, plus a silence limit and the proxy's own answer to bad bytes.
-
-    aiohttp waits forever for a request line and headers that never finish, and answers what its parser
-    refuses with text that quotes the request (and logs it with a traceback).
-    """
-
-    def __init__(self, manager: web.Server, *, proxy: Proxy, silence: float, **options: Any) -> None:
-        super().__init__(manager, **options)
-        self._proxy = proxy
-        self._silence = silence
-        self._event_loop = options["loop"]
-        self._heard_at = 0.0
-        self._silence_timer: asyncio.TimerHandle | None = None
-
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        super().connection_made(transport)
-        self._heard_at = self._event_loop.time()
-        self._silence_timer = self._event_loop.call_at(self._heard_at + self._silence, self._check_silence)
-
-    def connection_lost(self, exc: BaseException | None) -> None:
-        if self._silence_timer is not None:
-            self._silence_timer.cancel()
-            self._silence_timer = None
-        super().connection_lost(exc)
-
-    def data_received(self, data: bytes) -> None:
-        self._heard_at = self._event_loop.time()
-        super().data_received(data)
-
-    def _check_silence(self) -> None:
-        now = self._event_loop.time()
-        # While a request is handled, the forwarder times the body; waiting on the upstream is no silence.
-        if now - self._heard_at < self._silence or self._request_in_progress:
-            self._silence_timer = self._event_loop.call_at(
-                max(self._heard_at, now) + self._silence, self._check_silence
-            )
-            return
-        self._silence_timer = None
-        # A connection that has had an answer (and may be reading the rest of a refused upload) just
-        # closes; one that never completed a request is told why.
-        if self.transport is not None and self._request_count == 0:
-            body = json.dumps(
-                {
-                    "error": "request_timeout",
-                    "detail": f"no request arrived within {self._silence:g}s",
-                    "hint": "Send the whole request without pausing longer than the proxy's --read-timeout.",
-                }
-            ).encode()
-            head = (
-                "HTTP/1.1 408 Request Timeout\r\nContent-Type: application/json\r\n"
-                f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n"
-            )
-            self.transport.write(head.encode() + body)
-            peer = self.transport.get_extra_info("peername")
-            access_line(ACCESS_LOG, peer[0] if peer else None, "-", "-", 408, len(body), self._silence, None)
-        self.force_close()
-
-    def handle_error(
-        self,
-        request: web.BaseRequest,
-        status: int = 500,
-        exc: BaseException | None = None,
-        message: str | None = None,
-    ) -> web.StreamResponse:
-        if request.writer.output_size > 0:
-            raise ConnectionError("the answer had started; the connection is closed instead")
-        response = self._proxy.refuse_unparsable(request, status, exc)
-        response.force_close()
-        return response
-
-
-class _Server(web.Server):
-    """aiohttp's low-level server, making `_Connection`s."""
-
-    def __init__(self, proxy: Proxy, *, silence: float, **options: Any) -> None:
-        super().__init__(proxy, handler_cancellation=True, **options)
-        self._proxy = proxy
-        self._connection_options = {"silence": silence, **options}
-
-    def __call__(self) -> web.RequestHandler:
-        return _Connection(self, proxy=self._proxy, loop=asyncio.get_running_loop(), **self._connection_options)
-
-
 def build_server(proxy: Proxy) -> web.Server:
-    """The HTTP server for `proxy`, with the proxy's limits and access log."""
-    return _Server(
+    """The HTTP server for `proxy`: its connections, limits and access log."""
+    return HttpServer(
         proxy,
+        refuse=proxy.refuse_unparsable,
         silence=proxy.settings.read_timeout,
         access_log_class=AccessLogger,
         keepalive_timeout=KEEPALIVE_TIMEOUT,

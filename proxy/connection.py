@@ -1,0 +1,98 @@
+"""Client connections: aiohttp's HTTP/1.1 handling with the limits and answers the proxy promises.
+
+aiohttp waits forever for a request line and headers that never finish, and answers what its parser
+refuses with text that quotes the request (and logs it with a traceback). Here a silent connection is cut
+after the read timeout, and refused bytes get the proxy's JSON answer without being echoed or logged.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+from aiohttp import web
+
+from .errors import ClientTimeout
+from .logs import access_line
+
+ACCESS_LOG = logging.getLogger("aiohttp.access")
+
+Handler = Callable[[web.BaseRequest], Awaitable[web.StreamResponse]]
+# The answer to bytes the parser refused (a 4xx status) or to a handler that failed (500).
+Refuse = Callable[[web.BaseRequest, int, BaseException | None], web.Response]
+
+
+class Connection(web.RequestHandler):
+    """One client connection: aiohttp's, plus a silence limit and the proxy's own answer to bad bytes."""
+
+    def __init__(self, manager: web.Server, *, refuse: Refuse, silence: float, **options: Any) -> None:
+        super().__init__(manager, **options)
+        self._refuse = refuse
+        self._silence = silence
+        self._event_loop = options["loop"]
+        self._heard_at = 0.0
+        self._silence_timer: asyncio.TimerHandle | None = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        super().connection_made(transport)
+        self._heard_at = self._event_loop.time()
+        self._silence_timer = self._event_loop.call_at(self._heard_at + self._silence, self._check_silence)
+
+    def connection_lost(self, exc: BaseException | None) -> None:
+        if self._silence_timer is not None:
+            self._silence_timer.cancel()
+            self._silence_timer = None
+        super().connection_lost(exc)
+
+    def data_received(self, data: bytes) -> None:
+        self._heard_at = self._event_loop.time()
+        super().data_received(data)
+
+    def _check_silence(self) -> None:
+        now = self._event_loop.time()
+        # While a request is handled, the forwarder times the body; waiting on the upstream is no silence.
+        if now - self._heard_at < self._silence or self._request_in_progress:
+            self._silence_timer = self._event_loop.call_at(
+                max(self._heard_at, now) + self._silence, self._check_silence
+            )
+            return
+        self._silence_timer = None
+        # A connection that has had an answer (and may be reading the rest of a refused upload) just
+        # closes; one that never completed a request is told why.
+        if self.transport is not None and self._request_count == 0:
+            body = json.dumps(ClientTimeout(f"no request arrived within {self._silence:g}s").body()).encode()
+            head = (
+                "HTTP/1.1 408 Request Timeout\r\nContent-Type: application/json\r\n"
+                f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n"
+            )
+            self.transport.write(head.encode() + body)
+            peer = self.transport.get_extra_info("peername")
+            access_line(ACCESS_LOG, peer[0] if peer else None, "-", "-", 408, len(body), self._silence, None)
+        self.force_close()
+
+    def handle_error(
+        self,
+        request: web.BaseRequest,
+        status: int = 500,
+        exc: BaseException | None = None,
+        message: str | None = None,
+    ) -> web.StreamResponse:
+        if request.writer.output_size > 0:
+            raise ConnectionError("the answer had started; the connection is closed instead")
+        response = self._refuse(request, status, exc)
+        response.force_close()
+        return response
+
+
+class HttpServer(web.Server):
+    """aiohttp's low-level server with one handler for every request, making `Connection`s."""
+
+    def __init__(self, handler: Handler, *, refuse: Refuse, silence: float, **options: Any) -> None:
+        super().__init__(handler, handler_cancellation=True, **options)
+        self._connection_options = {"refuse": refuse, "silence": silence, **options}
+
+    def __call__(self) -> web.RequestHandler:
+        return Connection(self, loop=asyncio.get_running_loop(), **self._connection_options)
