@@ -38,6 +38,17 @@ def raw_exchange(port: int, request: bytes) -> bytes:
     return answer
 
 
+def end_process(process: subprocess.Popen[bytes]) -> None:
+    """SIGTERM, and SIGKILL after 15 s: a test's process never outlives it."""
+    if process.poll() is None:
+        process.send_signal(signal.SIGTERM)
+        try:
+            process.wait(15)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait(5)
+
+
 def wait_for(condition, timeout: float = 10.0, interval: float = 0.02, what: str = "condition"):  # noqa: ANN001
     """Poll `condition` until it is truthy; fail the test with `what` after `timeout` seconds."""
     deadline = time.monotonic() + timeout
@@ -145,13 +156,7 @@ class ProxyProcess:
         return int(line.split()[1]) / 1024
 
     def stop(self) -> int:
-        if self.process.poll() is None:
-            self.process.send_signal(signal.SIGTERM)
-            try:
-                self.process.wait(15)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait(5)
+        end_process(self.process)
         self._log.close()
         return self.process.returncode
 

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import requests
 
-from .conftest import wait_for
+from .conftest import end_process, wait_for
 
 ORTHANC_PLUGIN = "/usr/share/orthanc/plugins/libOrthancDicomWeb.so"
 
@@ -91,10 +91,5 @@ class Orthanc:
         wait_for(answering, timeout=30, interval=0.1, what="Orthanc to start")
 
     def stop(self) -> None:
-        self.process.terminate()
-        try:
-            self.process.wait(15)
-        except subprocess.TimeoutExpired:
-            self.process.kill()
-            self.process.wait(5)
+        end_process(self.process)
         self._log.close()
