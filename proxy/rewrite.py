@@ -295,13 +295,6 @@ class BodyRewriter:
         return rewritten
 
 
-def rewrite_body(body: bytes, kind: str, mapping: BaseMapping) -> bytes | None:
-    """The rewritten body, or None when nothing in it changed."""
-    rewriter = BodyRewriter("json" if kind == "json" else "xml", mapping)
-    rewritten = rewriter.feed(body) + rewriter.finish()
-    return None if rewritten == body else rewritten
-
-
 # Content-Encoding -----------------------------------------------------------------------------------
 
 PIECE_SIZE = 256 * 1024
@@ -378,27 +371,6 @@ def inflater_for(content_encoding: str | None, *, piece_size: int = PIECE_SIZE) 
 def _is_zlib_header(head: bytes) -> bool:
     # RFC 1950 2.2: method 8 (deflate) with a window of at most 32 KiB, and the two bytes a multiple of 31.
     return head[0] & 0x0F == 8 and head[0] >> 4 <= 7 and (head[0] << 8 | head[1]) % 31 == 0
-
-
-def decode(body: bytes, content_encoding: str | None, limit: int) -> bytes | None:
-    """The identity bytes of a body, or None when its encoding is unknown or it inflates past `limit`."""
-    if (content_encoding or "identity").strip().lower() == "identity":
-        return body
-    inflater = inflater_for(content_encoding)
-    if inflater is None:
-        return None
-    pieces: list[bytes] = []
-    size = 0
-    try:
-        for piece in inflater.feed(body):
-            size += len(piece)
-            if size > limit:
-                return None
-            pieces.append(piece)
-        inflater.finish()
-    except DecodeError:
-        return None
-    return b"".join(pieces)
 
 
 class BodyTransform:
