@@ -9,6 +9,7 @@ are what the tests read.
 from __future__ import annotations
 
 import json
+import os
 import re
 import subprocess
 import sys
@@ -84,7 +85,9 @@ class World:
     def orthanc_url(self) -> str:
         return f"http://127.0.0.1:{ORTHANC_PORT}/dicom-web"
 
-    def proxy(self, *flags: str, az: AzStub | None = None, upstream: str | None = None) -> ProxyProcess:
+    def proxy(
+        self, *flags: str, az: AzStub | None = None, upstream: str | None = None, env: dict[str, str] | None = None
+    ) -> ProxyProcess:
         """A proxy inside the namespace, its DIMSE gateway on its HTTP port + 1000."""
         port = self._next_port
         self._next_port += 1
@@ -92,7 +95,7 @@ class World:
         arguments += ["--dimse-listen", f"127.0.0.1:{port + 1000}", *flags]
         proxy = ProxyProcess(
             arguments,
-            proxy_environment(az or self.az),
+            {**proxy_environment(az or self.az), **(env or {})},
             self.home / f"proxy-{port}.log",
             port,
             prefix=self.namespace.prefix,
@@ -326,6 +329,11 @@ def test_movescu_to_an_unknown_or_unreachable_destination_fails(world, gateway, 
             "-k", f"StudyInstanceUID={ct.StudyInstanceUID}", *scu(gateway),
         )  # fmt: skip
         assert "Refused: MoveDestinationUnknown" in output, output
+    # The log and the metrics say so too, not success; the unreachable one names where it was sought.
+    log = gateway.output()
+    moves = re.findall(r"TESTSCU C-MOVE \S+ count=\d+ status=(\S+)", log)
+    assert moves[-2:] == ["0xA801", "0xA801"], moves
+    assert "could not open an association to its destination at 127.0.0.1:9" in log
 
 
 def every_operation(world: World, proxy: ProxyProcess, directory: Path) -> dict[str, str]:
@@ -478,3 +486,27 @@ def test_cancel_of_get_and_move_and_ten_concurrent_associations_with_pynetdicom(
 
     concurrent = world.python("store-concurrently", port, "10", *map(str, files[:3]))
     assert concurrent["statuses"] == [[0, 0, 0]] * 10, concurrent
+
+
+def test_an_instance_cut_off_mid_transfer_leaves_no_copy_behind(world, tmp_path):
+    temporary = tmp_path / "temporary"
+    temporary.mkdir()
+    proxy = world.proxy(env={"TMPDIR": str(temporary)})
+    big = pydicom.dcmread(TEST_FILES / "CT_small.dcm")
+    big.Rows = big.Columns = 4096
+    big.PixelData = os.urandom(4096 * 4096 * 2)  # 32 MiB: still arriving when the sender is killed
+    big.SOPInstanceUID = big.file_meta.MediaStorageSOPInstanceUID = generate_uid()
+    big.save_as(tmp_path / "big.dcm")
+    sender = subprocess.Popen(
+        [*world.namespace.prefix, dcmtk("storescu"), *scu(proxy), str(tmp_path / "big.dcm")],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        wait_for(lambda: any(temporary.iterdir()), timeout=20, interval=0.01, what="the instance to start arriving")
+    finally:
+        sender.kill()
+        sender.wait(10)
+    # The partial copy holds patient data: it must not outlive the association.
+    wait_for(lambda: not any(temporary.iterdir()), timeout=20, what="the partial copy to be deleted")
+    assert "partial copy was deleted" in proxy.output()

@@ -10,11 +10,13 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import contextlib
 import ipaddress
 import logging
 import time
 from collections.abc import AsyncIterator, Coroutine, Iterator
 from dataclasses import dataclass, field
+from pathlib import Path, PurePath
 from typing import Any, TypeVar
 
 from pydicom.uid import UID
@@ -50,12 +52,18 @@ class LoopBridge:
         self._timeout = timeout
 
     def run(self, coroutine: Coroutine[Any, Any, T]) -> T:
-        future = asyncio.run_coroutine_threadsafe(coroutine, self._loop)
+        try:
+            future = asyncio.run_coroutine_threadsafe(coroutine, self._loop)
+        except RuntimeError:  # the loop has closed: the proxy is stopping
+            coroutine.close()
+            raise Failure(OUT_OF_RESOURCES, "the proxy is shutting down") from None
         try:
             return future.result(self._timeout)
         except concurrent.futures.TimeoutError:
             future.cancel()
             raise Failure(OUT_OF_RESOURCES, f"the DICOM service did not answer within {self._timeout:g}s") from None
+        except concurrent.futures.CancelledError:  # cancelled by the proxy's shutdown
+            raise Failure(OUT_OF_RESOURCES, "the proxy is shutting down") from None
 
     def iterate(self, items: AsyncIterator[T]) -> Iterator[T]:
         """An async iterator of the loop, item by item; stopping early closes it (and its upstream answer)."""
@@ -83,6 +91,8 @@ class Operation:
     level: str = "-"
     count: int = 0
     status: int = 0
+    # The peer went away (or pynetdicom stopped asking) before the operation's final status.
+    aborted: bool = False
     started: float = field(default_factory=time.perf_counter)
 
 
@@ -167,6 +177,7 @@ class Gateway:
             (evt.EVT_C_FIND, services.find),
             (evt.EVT_C_GET, services.get),
             (evt.EVT_C_MOVE, services.move),
+            (evt.EVT_CONN_CLOSE, self._discard_partial_store),
         ]
         host, port = settings.dimse_listen
         try:
@@ -189,6 +200,25 @@ class Gateway:
             # In a thread: shutting down waits for handlers, which may be waiting on this loop.
             await asyncio.to_thread(self._ae.shutdown)
             self._ae = None
+
+    @staticmethod
+    def _discard_partial_store(event: Event) -> None:
+        """Delete the temporary file of a C-STORE cut off mid-transfer: it holds patient data.
+
+        pynetdicom deletes a received instance's file only after the C-STORE handler ran, which it never
+        does for an instance whose association broke while it arrived (pynetdicom's DIMSE message keeps
+        the file until the next one; these attributes are its own).
+        """
+        message = getattr(getattr(event.assoc, "dimse", None), "message", None)
+        handle = getattr(message, "_data_set_file", None)
+        path = getattr(message, "_data_set_path", None)
+        if handle is not None:
+            with contextlib.suppress(OSError):
+                handle.close()
+        if isinstance(path, PurePath):
+            with contextlib.suppress(OSError):
+                Path(path).unlink(missing_ok=True)
+            logger.warning("an association closed while an instance arrived; its partial copy was deleted")
 
     def _requested(self, event: Event) -> None:
         """The association policy, before pynetdicom negotiates: called AE, then calling AE and address."""
@@ -222,7 +252,7 @@ class Gateway:
     def end(self, operation: Operation, failure: Failure | None = None) -> None:
         """Count the operation and write its access-log line: no identifier values, names or UIDs."""
         seconds = time.perf_counter() - operation.started
-        status = f"0x{operation.status:04X}"
+        status = "aborted" if operation.aborted else f"0x{operation.status:04X}"
         self.metrics.dimse_operations.labels(operation=operation.name, status=status).inc()
         if failure is not None:
             logger.warning(

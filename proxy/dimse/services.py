@@ -149,6 +149,9 @@ class Services:
             failure = Failure(error.status, f"the identifier cannot be searched for: {error.detail}")
         except Failure as error:
             failure = error
+        except GeneratorExit:
+            operation.aborted = True  # pynetdicom stopped asking: the peer went away
+            raise
         finally:
             self._finish(operation, failure)
         if failure is not None:
@@ -192,6 +195,9 @@ class Services:
                     failed.append(ref)
                     yield PENDING, _failed(ref.instance)
             operation.status = _final(len(instances), len(failed))
+        except GeneratorExit:
+            operation.aborted = True  # pynetdicom stopped asking: the peer went away
+            raise
         finally:
             self._gateway.end(operation)
 
@@ -213,6 +219,10 @@ class Services:
                 return
             with tempfile.TemporaryDirectory(prefix="dicom-proxy-move-") as directory:
                 yield from self._move(event, operation, destination, Path(directory))
+        except GeneratorExit:
+            if operation.status == SUCCESS:
+                operation.aborted = True  # pynetdicom stopped asking: the peer went away
+            raise
         finally:
             self._gateway.end(operation)
 
@@ -245,7 +255,20 @@ class Services:
             yield 1
             yield failure.status, None
             return
-        yield len(instances)
+        try:
+            yield len(instances)
+        except GeneratorExit:
+            # pynetdicom associates with the destination after taking the count; when that fails it answers
+            # 0xA801 and drops this generator here.
+            self._fail(
+                operation,
+                Failure(
+                    MOVE_DESTINATION_UNKNOWN,
+                    f"C-MOVE could not open an association to its destination at {host}:{port}",
+                    "Check that the destination listens there and accepts the gateway's AE title",
+                ),
+            )
+            raise
         if cancelled:
             operation.status = CANCEL
             yield CANCEL, None
