@@ -268,19 +268,6 @@ def _validate(raw: Mapping[str, Any], environ: Mapping[str, str]) -> Settings:
     upstream = _upstream_url(raw.get("upstream"), insecure_upstream)
     listen_host, listen_port = parse_listen(str(raw.get("listen", DEFAULT_LISTEN)))
 
-    credential = str(raw.get("credential", default("credential")))
-    if credential not in CREDENTIAL_KINDS:
-        raise ConfigurationError(
-            f"--credential: unknown credential {credential!r}; choose one of {', '.join(CREDENTIAL_KINDS)}"
-        )
-    tenant = raw.get("tenant") or None
-    if tenant is not None and not _TENANT.match(tenant):
-        raise ConfigurationError(f"--tenant: {tenant!r} is not a tenant ID or domain")
-
-    audience = str(raw.get("audience", default("audience")))
-    if URL(audience).scheme != "https" or not URL(audience).host:
-        raise ConfigurationError(f"--audience: {audience!r} must be an https:// URL")
-
     ca_bundle = _ca_bundle(Path(raw["ca_bundle"])) if raw.get("ca_bundle") else None
 
     log_format = str(raw.get("log_format", default("log_format")))
@@ -299,27 +286,10 @@ def _validate(raw: Mapping[str, Any], environ: Mapping[str, str]) -> Settings:
     allowed_hosts = _allowed_hosts(raw.get("allowed_hosts", []), listen_host)
     workers = _workers(raw.get("workers", default("workers")))
 
-    dimse_listen = parse_listen(str(raw["dimse_listen"]), "--dimse-listen") if raw.get("dimse_listen") else None
-    dimse_aet = _ae_title(str(raw.get("dimse_aet", default("dimse_aet"))), "--dimse-aet")
-    dimse_allow = tuple(_dimse_allow(entry) for entry in raw.get("dimse_allow", []))
-    move_destinations = tuple(_move_destination(entry) for entry in raw.get("move_destinations", []))
-    if dimse_listen is not None:
-        # Like the HTTP side without an access key: an open DIMSE port would store and retrieve as you.
-        if not is_loopback(dimse_listen[0]) and not dimse_allow:
-            raise ConfigurationError(
-                f"--dimse-listen: {dimse_listen[0]} is reachable from other machines; list the calling AE titles "
-                "allowed with --dimse-allow AET[@HOST] (DICOM_PROXY_DIMSE_ALLOW)"
-            )
-        if workers > 1:
-            raise ConfigurationError("--dimse-listen: the DIMSE gateway runs in one process; use --workers 1")
-
     return Settings(
         upstream=upstream,
         listen_host=listen_host,
         listen_port=listen_port,
-        credential=credential,
-        tenant=tenant,
-        audience=audience,
         ca_bundle=ca_bundle,
         read_only=bool(raw.get("read_only", False)),
         cors_origins=cors_origins,
@@ -335,11 +305,46 @@ def _validate(raw: Mapping[str, Any], environ: Mapping[str, str]) -> Settings:
         workers=workers,
         rewrite=bool(raw.get("rewrite", default("rewrite"))),
         rewrite_limit=int(_positive(raw, "rewrite_limit_mib", default("rewrite_limit") / 1024 / 1024) * 1024 * 1024),
-        dimse_listen=dimse_listen,
-        dimse_aet=dimse_aet,
-        dimse_allow=dimse_allow,
-        move_destinations=move_destinations,
+        **_credential_settings(raw),
+        **_dimse_settings(raw, workers),
     )
+
+
+def _credential_settings(raw: Mapping[str, Any]) -> dict[str, Any]:
+    """Which identity, for which tenant and audience."""
+    credential = str(raw.get("credential", default("credential")))
+    if credential not in CREDENTIAL_KINDS:
+        raise ConfigurationError(
+            f"--credential: unknown credential {credential!r}; choose one of {', '.join(CREDENTIAL_KINDS)}"
+        )
+    tenant = raw.get("tenant") or None
+    if tenant is not None and not _TENANT.match(tenant):
+        raise ConfigurationError(f"--tenant: {tenant!r} is not a tenant ID or domain")
+    audience = str(raw.get("audience", default("audience")))
+    if URL(audience).scheme != "https" or not URL(audience).host:
+        raise ConfigurationError(f"--audience: {audience!r} must be an https:// URL")
+    return {"credential": credential, "tenant": tenant, "audience": audience}
+
+
+def _dimse_settings(raw: Mapping[str, Any], workers: int) -> dict[str, Any]:
+    """The DIMSE gateway's settings, refused where they would open it to other machines."""
+    dimse_listen = parse_listen(str(raw["dimse_listen"]), "--dimse-listen") if raw.get("dimse_listen") else None
+    dimse_allow = tuple(_dimse_allow(entry) for entry in raw.get("dimse_allow", []))
+    if dimse_listen is not None:
+        # Like the HTTP side without an access key: an open DIMSE port would store and retrieve as you.
+        if not is_loopback(dimse_listen[0]) and not dimse_allow:
+            raise ConfigurationError(
+                f"--dimse-listen: {dimse_listen[0]} is reachable from other machines; list the calling AE titles "
+                "allowed with --dimse-allow AET[@HOST] (DICOM_PROXY_DIMSE_ALLOW)"
+            )
+        if workers > 1:
+            raise ConfigurationError("--dimse-listen: the DIMSE gateway runs in one process; use --workers 1")
+    return {
+        "dimse_listen": dimse_listen,
+        "dimse_aet": _ae_title(str(raw.get("dimse_aet", default("dimse_aet"))), "--dimse-aet"),
+        "dimse_allow": dimse_allow,
+        "move_destinations": tuple(_move_destination(entry) for entry in raw.get("move_destinations", [])),
+    }
 
 
 def _upstream_url(value: Any, insecure: bool) -> URL:
