@@ -7,12 +7,17 @@ socket: the caller sends each token the flow yields and tells it the status and 
 from __future__ import annotations
 
 import logging
-from collections.abc import AsyncGenerator
+import re
+from collections.abc import AsyncGenerator, Awaitable, Callable
 from dataclasses import dataclass
+
+import aiohttp
 
 from .tokens import TokenSource
 
 logger = logging.getLogger("proxy.auth")
+
+_CHALLENGE_DESCRIPTION = re.compile(r'error_description="([^"]{0,200})"')
 
 
 @dataclass(frozen=True)
@@ -41,3 +46,31 @@ async def token_flow(tokens: TokenSource, *, replayable: bool) -> AsyncGenerator
             tokens.refused(token, answer.reason)  # refused again: the source backs off
             return
     tokens.accepted()
+
+
+async def send_with_token(
+    tokens: TokenSource,
+    send: Callable[[str], Awaitable[aiohttp.ClientResponse]],
+    *,
+    replayable: bool,
+) -> aiohttp.ClientResponse:
+    """The upstream's answer to `send(token)`, sent once more with a fresh token when `token_flow` says so."""
+    flow = token_flow(tokens, replayable=replayable)
+    try:
+        token = await anext(flow)
+        while True:
+            response = await send(token)
+            reason = challenge_reason(response) if response.status == 401 else ""
+            try:
+                token = await flow.asend(Answer(response.status, reason))
+            except StopAsyncIteration:
+                return response
+            response.release()
+    finally:
+        await flow.aclose()
+
+
+def challenge_reason(response: aiohttp.ClientResponse) -> str:
+    """The service's reason for a 401, from its WWW-Authenticate challenge, for the log and /-/ready."""
+    found = _CHALLENGE_DESCRIPTION.search(response.headers.get("WWW-Authenticate", ""))
+    return f"401: {found.group(1)}" if found else "401 Unauthorized"

@@ -19,11 +19,10 @@ from aiohttp import web
 from multidict import CIMultiDict
 from yarl import URL
 
-from .auth import Answer, token_flow
+from .auth import send_with_token
 from .errors import (
     ClientTimeout,
     RequestRefused,
-    UpstreamTimeout,
     UpstreamUnreachable,
     loggable,
 )
@@ -39,6 +38,7 @@ from .rewrite import (
     upstream_path,
     with_multipart_type,
 )
+from .session import upstream_failure
 from .settings import Settings
 from .tokens import TokenSource
 
@@ -53,7 +53,6 @@ Decorate = Callable[[web.BaseRequest, CIMultiDict[str]], None]
 UPSTREAM_FAILURE = web.RequestKey("upstream_failure", str)
 # Set when the client stopped sending its body: the upstream request failed because of the client.
 _CLIENT_STALLED = web.RequestKey("client_stalled", bool)
-_CHALLENGE_DESCRIPTION = re.compile(r'error_description="([^"]{0,200})"')
 
 WRITE_BUFFER_HIGH = 1024 * 1024
 # Read size for answers the client asked for as JSON or XML (metadata, QIDO), which may be rewritten: the
@@ -123,20 +122,11 @@ class Forwarder:
     async def __call__(self, request: web.BaseRequest) -> web.StreamResponse:
         url = self.upstream_url(request.raw_path)
         body = await self._request_body(request)
-        flow = token_flow(self._tokens, replayable=not isinstance(body, AsyncIterator))
-        token = await anext(flow)
-        while True:
-            try:
-                upstream = await self._send(request, url, token, body)
-            except BaseException:
-                await flow.aclose()
-                raise
-            reason = _challenge_description(upstream) if upstream.status == 401 else ""
-            try:
-                token = await flow.asend(Answer(upstream.status, reason))
-            except StopAsyncIteration:
-                break
-            upstream.release()
+        upstream = await send_with_token(
+            self._tokens,
+            lambda token: self._send(request, url, token, body),
+            replayable=not isinstance(body, AsyncIterator),
+        )
         if upstream.status == 101:
             upstream.close()
             raise UpstreamUnreachable("the service answered 101 Switching Protocols, which the proxy does not relay")
@@ -191,27 +181,11 @@ class Forwarder:
         except Exception as exc:
             if request.get(_CLIENT_STALLED):
                 raise ClientTimeout(f"the client sent no body bytes for {self._silence:g}s") from exc
-            raise self._upstream_error(request, url, exc) from exc
-
-    def _upstream_error(self, request: web.BaseRequest, url: URL, exc: Exception) -> Exception:
-        """An aiohttp failure to reach the upstream as the proxy's own error; anything else as it is."""
-        if isinstance(exc, aiohttp.ClientSSLError):
-            request[UPSTREAM_FAILURE] = "tls"
-            return UpstreamUnreachable(
-                f"TLS with {url.host} failed: {exc}",
-                hint="If your network inspects TLS, pass its CA with --ca-bundle.",
-            )
-        if isinstance(exc, TimeoutError | aiohttp.ServerTimeoutError):
-            request[UPSTREAM_FAILURE] = "timeout"
-            return UpstreamTimeout(f"{url.host} did not answer within the timeout")
-        if isinstance(exc, aiohttp.ClientConnectorError):
-            request[UPSTREAM_FAILURE] = "connect"
-            return UpstreamUnreachable(f"cannot reach {url.host}: {exc.os_error.strerror or type(exc).__name__}")
-        if isinstance(exc, aiohttp.ClientError):
-            # Other errors quote the answer's bytes or the URL with its query: only their kind is told.
-            request[UPSTREAM_FAILURE] = "connect"
-            return UpstreamUnreachable(f"the answer from {url.host} could not be read ({type(exc).__name__})")
-        return exc
+            failure = upstream_failure(exc, url.host)
+            if failure is None:
+                raise
+            request[UPSTREAM_FAILURE], error = failure
+            raise error from exc
 
     def _response_headers(
         self, request: web.BaseRequest, upstream: aiohttp.ClientResponse, mapping: BaseMapping | None
@@ -355,9 +329,3 @@ def _wants_a_document(accept: str | None) -> bool:
         return False
     lowered = accept.lower()
     return ("json" in lowered or "xml" in lowered) and "multipart" not in lowered and "*/*" not in lowered
-
-
-def _challenge_description(upstream: aiohttp.ClientResponse) -> str:
-    """The service's reason for a 401, from its WWW-Authenticate challenge, for the log and /-/ready."""
-    found = _CHALLENGE_DESCRIPTION.search(upstream.headers.get("WWW-Authenticate", ""))
-    return f"401: {found.group(1)}" if found else "401 Unauthorized"

@@ -6,6 +6,7 @@ import ssl
 
 import aiohttp
 
+from .errors import UpstreamTimeout, UpstreamUnreachable
 from .settings import Settings
 
 # Large reads keep the per-chunk Python work small on multi-GiB retrieves while bounding memory per
@@ -30,3 +31,18 @@ def upstream_session(settings: Settings) -> aiohttp.ClientSession:
         # could put Basic credentials where the bearer token belongs.
         trust_env=False,
     )
+
+
+def upstream_failure(exc: Exception, host: str | None) -> tuple[str, UpstreamUnreachable | UpstreamTimeout] | None:
+    """An aiohttp failure to reach the upstream: its kind for the metrics and the proxy's own error; None for
+    any other exception. Messages never quote the answer's bytes or the URL, which may carry a query."""
+    if isinstance(exc, aiohttp.ClientSSLError):
+        hint = "If your network inspects TLS, pass its CA with --ca-bundle."
+        return "tls", UpstreamUnreachable(f"TLS with {host} failed: {exc}", hint=hint)
+    if isinstance(exc, TimeoutError | aiohttp.ServerTimeoutError):
+        return "timeout", UpstreamTimeout(f"{host} did not answer within the timeout")
+    if isinstance(exc, aiohttp.ClientConnectorError):
+        return "connect", UpstreamUnreachable(f"cannot reach {host}: {exc.os_error.strerror or type(exc).__name__}")
+    if isinstance(exc, aiohttp.ClientError):
+        return "connect", UpstreamUnreachable(f"the answer from {host} could not be read ({type(exc).__name__})")
+    return None

@@ -184,13 +184,6 @@ class TokenSource:
         if self._refused_serial:
             self._refused_serial, self._backoffs, self._refused_until, self._refusal = 0, 0, 0.0, None
 
-    def invalidate(self, value: str) -> None:
-        """Forget `value` whatever the service thinks of it; a newer token fetched meanwhile is kept."""
-        token = self._cache.get(self._key)
-        if token is not None and token.value == value:
-            del self._cache[self._key]
-            self._retry_at = 0.0
-
     def start(self) -> None:
         """Begin the first acquisition and the refresh loop; never raises, so start-up survives a dead az."""
         if self._refresher is None:

@@ -48,12 +48,12 @@ async def test_a_failure_is_not_retried_by_every_caller(az_on_path):
     assert "Please run 'az login'" in first.value.detail
 
 
-async def test_invalidate_forgets_only_the_refused_token(az_on_path):
+async def test_a_refusal_forgets_only_the_refused_token(az_on_path):
     source = TokenSource(AzureCliCredential(), SCOPE)
     first = await source.get()
-    source.invalidate("some-other-token")
+    source.refused("some-other-token")
     assert await source.get() == first
-    source.invalidate(first)
+    source.refused(first)
     second = await source.get()
     assert second != first
     assert az_on_path.calls == 2

@@ -21,8 +21,9 @@ from typing import Any
 import aiohttp
 from yarl import URL
 
-from ..auth import Answer, token_flow
+from ..auth import send_with_token
 from ..errors import TokenRefused, TokenUnavailable, UpstreamUnreachable
+from ..session import upstream_failure
 from ..settings import Settings
 from ..tokens import TokenSource
 from .status import (
@@ -146,32 +147,27 @@ class DicomWebClient:
 
     async def _request(self, method: str, url: URL, headers: dict[str, str], body: Body | None = None) -> Any:
         """One authorised request: a 401 refreshes the token and sends once more (the body can be re-read)."""
-        flow = token_flow(self._tokens, replayable=True)
+
+        async def send(token: str) -> aiohttp.ClientResponse:
+            try:
+                return await self._session.request(
+                    method,
+                    url,
+                    headers={**headers, "Authorization": f"Bearer {token}"},
+                    data=body() if body is not None else None,
+                    allow_redirects=False,
+                    proxy=self._proxy,
+                )
+            except Exception as exc:
+                failure = upstream_failure(exc, url.host)
+                if failure is None:
+                    raise
+                raise Failure(OUT_OF_RESOURCES, failure[1].detail, failure[1].hint) from exc
+
         try:
-            token = await anext(flow)
-            while True:
-                try:
-                    response = await self._session.request(
-                        method,
-                        url,
-                        headers={**headers, "Authorization": f"Bearer {token}"},
-                        data=body() if body is not None else None,
-                        allow_redirects=False,
-                        proxy=self._proxy,
-                    )
-                except (aiohttp.ClientError, TimeoutError) as exc:
-                    raise Failure(
-                        OUT_OF_RESOURCES, f"cannot reach {url.host}: {type(exc).__name__} {exc}", _UNREACHABLE_HINT
-                    ) from exc
-                try:
-                    token = await flow.asend(Answer(response.status))
-                except StopAsyncIteration:
-                    break
-                response.release()
+            response = await send_with_token(self._tokens, send, replayable=True)
         except TokenUnavailable as error:
             raise Failure(OUT_OF_RESOURCES, error.detail, error.hint) from error
-        finally:
-            await flow.aclose()
         if response.status in (401, 403):
             response.release()
             refusal = self._tokens.refusal
