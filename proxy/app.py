@@ -283,7 +283,7 @@ def build_server(proxy: Proxy) -> web.Server:
 def viewer_base_url(settings: Settings, origin: str | None = None) -> str:
     """What to paste into a viewer: the local URL (or the `origin` the client used), plus /v2 when the
     upstream is a bare Azure service root."""
-    return (origin or settings.local_url) + ("/v2" if settings.upstream.raw_path in ("", "/") else "")
+    return (origin or settings.local_url) + settings.added_version
 
 
 async def serve(settings: Settings, *, announce: bool = True) -> None:

@@ -95,11 +95,14 @@ class Settings:
         return f"http://{host}:{self.listen_port}"
 
     @property
+    def added_version(self) -> str:
+        """"/v2" when the upstream is a bare service root, where a DICOMweb client needs a version, else ""."""
+        return "/v2" if self.upstream.raw_path in ("", "/") else ""
+
+    @property
     def upstream_dicomweb(self) -> URL:
-        """The DICOMweb base at the service, as a viewer uses it: the upstream plus /v2 when it is a bare root."""
-        if self.upstream.raw_path in ("", "/"):
-            return self.upstream.with_path("/v2")
-        return self.upstream
+        """The DICOMweb base at the service, as a viewer uses it."""
+        return self.upstream.with_path(self.added_version) if self.added_version else self.upstream
 
 
 OptionKind = Literal["str", "bool", "list", "float", "int"]
