@@ -324,16 +324,11 @@ async def test_https_proxy_from_the_environment_is_used(start_proxy, upstream, p
     ids=["small-body", "large-body", "chunked-body", "half-headers", "nothing"],
 )
 def test_a_client_that_goes_silent_is_cut_after_the_read_timeout(start_proxy, upstream, request_bytes):
-    import socket
     import time
 
     proxy = start_proxy("--read-timeout", "2")
     started = time.monotonic()
-    with socket.create_connection(("127.0.0.1", proxy.port), timeout=15) as sock:
-        sock.sendall(request_bytes)
-        answer = b""
-        while chunk := sock.recv(65536):
-            answer += chunk
+    answer = raw_exchange(proxy.port, request_bytes)
     waited = time.monotonic() - started
     assert 1.5 < waited < 10, waited
     assert answer.startswith(b"HTTP/1.1 408"), answer
