@@ -96,7 +96,7 @@ class Settings:
 
     @property
     def added_version(self) -> str:
-        """"/v2" when the upstream is a bare service root, where a DICOMweb client needs a version, else ""."""
+        """The version a bare service root needs for DICOMweb clients ("/v2"); "" when the upstream has a path."""
         return "/v2" if self.upstream.raw_path in ("", "/") else ""
 
     @property
