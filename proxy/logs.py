@@ -6,6 +6,7 @@ left out because it can hold patient names.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import time
@@ -94,12 +95,23 @@ class JsonFormatter(logging.Formatter):
 
 
 class TextFormatter(logging.Formatter):
-    """`time level logger: message` in UTC, with the time text made once per second, not per line."""
+    """`time level logger: message` in UTC, with the time text made once per second, not per line.
+
+    The line is one f-string: logging's %-style template costs an access line a few microseconds more.
+    """
 
     def __init__(self) -> None:
-        super().__init__("%(asctime)s %(levelname)-7s %(name)s: %(message)s")
+        super().__init__()
         self._second = -1
         self._second_text = ""
+
+    def format(self, record: logging.LogRecord) -> str:
+        line = f"{self.formatTime(record)} {record.levelname:<7} {record.name}: {record.getMessage()}"
+        if record.exc_info:
+            line += "\n" + self.formatException(record.exc_info)
+        if record.stack_info:
+            line += "\n" + self.formatStack(record.stack_info)
+        return line
 
     def formatTime(self, record: logging.LogRecord, datefmt: str | None = None) -> str:  # noqa: N802
         second = int(record.created)
@@ -108,8 +120,47 @@ class TextFormatter(logging.Formatter):
         return f"{self._second_text},{int(record.msecs):03d}"
 
 
+class LoopTurnHandler(logging.StreamHandler):  # type: ignore[type-arg]
+    """Writes the lines of one event-loop turn in one go, where a plain StreamHandler makes a write(2) per line.
+
+    A busy proxy answers many requests per turn: a system call per access line cost a small request 5% of
+    its time. A line logged outside the loop's thread (the DIMSE gateway's, start-up, exit) goes out at
+    once, after any the loop still holds, so the order stays as logged.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._held: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            line = self.format(record) + self.terminator
+        except Exception:
+            self.handleError(record)
+            return
+        self._held.append(line)
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:
+            self.flush()
+            return
+        if len(self._held) == 1:
+            loop.call_soon(self.flush)
+
+    def flush(self) -> None:
+        with self.lock:  # type: ignore[union-attr]
+            if self._held:
+                text = "".join(self._held)
+                self._held.clear()
+                try:
+                    self.stream.write(text)
+                    self.stream.flush()
+                except (OSError, ValueError):
+                    pass  # stderr is closed or gone: the lines have nowhere to go
+
+
 def configure_logging(log_format: str, *, level: int = logging.INFO) -> None:
-    handler = logging.StreamHandler()
+    handler = LoopTurnHandler()
     handler.setFormatter(JsonFormatter() if log_format == "json" else TextFormatter())
     # Facts no line of ours shows, which every record would otherwise look up (Logging HOWTO, "Optimization").
     logging.logThreads = False

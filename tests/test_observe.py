@@ -259,3 +259,30 @@ def test_a_client_silent_before_its_request_ends_gets_an_access_line(start_proxy
     answer = raw_exchange(proxy.port, b"GET /echo/x HTTP/1.1\r\nHost: loc")
     assert answer.startswith(b"HTTP/1.1 408")
     wait_for(lambda: '"- -" 408' in proxy.output(), what="the access line of the 408")
+
+
+async def test_access_lines_are_written_as_requests_end_and_none_is_lost_at_shutdown(start_proxy, upstream):
+    import asyncio
+
+    import aiohttp
+
+    proxy = start_proxy()
+    # Lines are held for one turn of the event loop, not until something else is logged or the proxy stops.
+    requests.get(f"{proxy.url}/echo/first", timeout=10)
+    wait_for(lambda: '"GET /echo/first" 200' in proxy.output(), what="the access line while the proxy serves")
+    # A burst answered in a few turns, then SIGTERM at once: every line is there, whole, one per request.
+    async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=64)) as client:
+
+        async def fetch(number: int) -> int:
+            async with client.get(f"{proxy.url}/echo/burst/{number}") as response:
+                await response.read()
+                return response.status
+
+        assert await asyncio.gather(*(fetch(number) for number in range(300))) == [200] * 300
+    proxy.process.send_signal(signal.SIGTERM)
+    assert proxy.process.wait(30) == 0
+    lines = [line for line in proxy.output().splitlines() if "/echo/burst/" in line]
+    assert len(lines) == 300
+    assert all(re.fullmatch(r'\S+ \S+ INFO +aiohttp\.access: 127\.0\.0\.1 "GET /echo/burst/\d+" 200 \d+ .*', line)
+               for line in lines)  # fmt: skip
+    assert sorted(int(line.split("/echo/burst/")[1].split('"')[0]) for line in lines) == list(range(300))
