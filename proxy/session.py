@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import ssl
+from collections.abc import Iterable
 
 import aiohttp
+from multidict import CIMultiDict
 
 from .errors import UpstreamTimeout, UpstreamUnreachable
 from .settings import Settings
@@ -12,6 +14,23 @@ from .settings import Settings
 # Large reads keep the per-chunk Python work small on multi-GiB retrieves while bounding memory per
 # connection to a few MiB.
 READ_BUFFER = 1024 * 1024
+
+
+# What aiohttp adds to a request on its own: the proxy sends none of them unless the client did.
+_AUTOMATIC_HEADERS: CIMultiDict[None] = CIMultiDict(
+    (name, None) for name in ("Accept", "Accept-Encoding", "User-Agent", "Content-Type")
+)
+
+
+class UpstreamRequest(aiohttp.ClientRequest):
+    """A request with exactly the headers the proxy built.
+
+    aiohttp would add Accept-Encoding: gzip (and Accept, User-Agent, Content-Type) that the client never
+    asked for. Its `skip_auto_headers` option says the same, but copies every request's headers to do it.
+    """
+
+    def update_auto_headers(self, skip_auto_headers: Iterable[str] | None) -> None:
+        self._skip_auto_headers = _AUTOMATIC_HEADERS
 
 
 def upstream_session(settings: Settings) -> aiohttp.ClientSession:
@@ -23,8 +42,7 @@ def upstream_session(settings: Settings) -> aiohttp.ClientSession:
         connector=aiohttp.TCPConnector(ssl=tls, limit=0, enable_cleanup_closed=False),
         cookie_jar=aiohttp.DummyCookieJar(),
         auto_decompress=False,
-        # Without this aiohttp would add Accept-Encoding: gzip (and others) the client never asked for.
-        skip_auto_headers=("Accept", "Accept-Encoding", "User-Agent", "Content-Type"),
+        request_class=UpstreamRequest,
         timeout=aiohttp.ClientTimeout(total=None, connect=settings.connect_timeout, sock_read=settings.read_timeout),
         read_bufsize=READ_BUFFER,
         # Proxies are resolved once into Settings.upstream_proxy; trust_env would also read ~/.netrc and
