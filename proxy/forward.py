@@ -112,11 +112,13 @@ class Forwarder:
 
     def upstream_url(self, raw_target: str) -> URL:
         """The upstream URL for a raw origin-form target, byte for byte, never above the base path."""
-        path = raw_target.split("?", 1)[0]
         # Decoded twice (%252e), with ';' parameters and NULs cut off (..;/ and ..%00 climb on some servers).
-        segments = _SEGMENT_SEPARATORS.split(unquote(unquote(path)))
-        if any(segment.split(";", 1)[0].split("\x00", 1)[0] in (".", "..") for segment in segments):
-            raise RequestRefused("the path contains '.' or '..' segments, which could climb above the base path")
+        path = unquote(unquote(raw_target.split("?", 1)[0]))
+        # Only a segment that starts with a dot can be one; DICOM UIDs are full of dots, but never there.
+        if path.startswith(".") or "/." in path or "\\." in path:
+            segments = _SEGMENT_SEPARATORS.split(path)
+            if any(segment.split(";", 1)[0].split("\x00", 1)[0] in (".", "..") for segment in segments):
+                raise RequestRefused("the path contains '.' or '..' segments, which could climb above the base path")
         return URL(self._origin + upstream_path(self._base_path, raw_target), encoded=True)
 
     async def __call__(self, request: web.BaseRequest) -> web.StreamResponse:
