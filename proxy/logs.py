@@ -125,7 +125,7 @@ class LoopTurnHandler(logging.StreamHandler):  # type: ignore[type-arg]
 
     A busy proxy answers many requests per turn: a system call per access line cost a small request 5% of
     its time. A line logged outside the loop's thread (the DIMSE gateway's, start-up, exit) goes out at
-    once, after any the loop still holds, so the order stays as logged.
+    once, or with the lines the loop holds if it holds some, so the order stays as logged.
     """
 
     def __init__(self) -> None:
@@ -139,13 +139,12 @@ class LoopTurnHandler(logging.StreamHandler):  # type: ignore[type-arg]
             self.handleError(record)
             return
         self._held.append(line)
+        if len(self._held) > 1:
+            return  # the loop's flush is on its way
         try:
-            loop = asyncio.get_running_loop()
+            asyncio.get_running_loop().call_soon(self.flush)
         except RuntimeError:
             self.flush()
-            return
-        if len(self._held) == 1:
-            loop.call_soon(self.flush)
 
     def flush(self) -> None:
         with self.lock:  # type: ignore[union-attr]
