@@ -18,6 +18,7 @@ import zlib
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from email.message import Message
+from itertools import islice, repeat
 from typing import Literal
 
 from multidict import CIMultiDict
@@ -165,11 +166,12 @@ class _Rule:
     needle: bytes  # in every link: a text without it needs no regex at all
     pattern: re.Pattern[bytes]  # a link, with what must come before and after it
     replacement: bytes | Callable[[re.Match[bytes]], bytes]
-    # The usual link, the needle and a slash, as plain bytes. Splitting on it and joining with its
-    # replacement is far faster than a pattern with lookarounds, and when it found every occurrence of the
-    # needle, that was all there was.
-    usual: bytes = b""
-    usual_replacement: bytes = b""
+    # The usual link, as plain bytes: `before`, the needle, `after` (a slash). When every needle in a text
+    # is framed so, splitting on the needle and joining with `plain_replacement` rewrites them all, far
+    # faster than a pattern with lookarounds.
+    before: bytes = b""
+    after: bytes = b""
+    plain_replacement: bytes = b""
 
     def found_in(self, text: bytes) -> bool:
         # memchr rules out a needle with a backslash (JSON's escaped form) far faster than a search for it.
@@ -177,10 +179,15 @@ class _Rule:
 
     def quick(self, text: bytes, before: bytes) -> bytes | None:
         """The text rewritten when every occurrence of the needle is the usual link; else None."""
-        if not self.usual or before == b"\\" or (b"\\" in text and b"\\" + self.needle in text):
+        if not self.after or before == b"\\" or (b"\\" in text and b"\\" + self.needle in text):
             return None  # a backslash escapes the needle's quote: the URL is inside a longer string
-        parts = text.split(self.usual)
-        return self.usual_replacement.join(parts) if len(parts) - 1 == text.count(self.needle) else None
+        parts = text.split(self.needle)
+        # Checked in C, part by part: every needle is followed (and preceded) as the usual link is.
+        if not all(map(bytes.startswith, islice(parts, 1, None), repeat(self.after))):
+            return None
+        if self.before and not all(map(bytes.endswith, islice(parts, len(parts) - 1), repeat(self.before))):
+            return None
+        return self.plain_replacement.join(parts)
 
 
 def _literal(replacement: bytes) -> bytes:
@@ -195,7 +202,7 @@ def _json_rule(upstream: bytes, local: bytes, slash: bytes) -> _Rule:
     needle, replacement = b'"' + upstream, b'"' + local
     after = rb"(?=" + re.escape(slash) + rb'|[?#"])'
     pattern = re.compile(re.escape(needle) + after + rb"(?<!\\" + re.escape(needle) + rb")")
-    return _Rule(needle, pattern, _literal(replacement), needle + slash, replacement + slash)
+    return _Rule(needle, pattern, _literal(replacement), after=slash, plain_replacement=replacement)
 
 
 def _xml_rule(upstream: bytes, local: bytes) -> _Rule:
@@ -207,7 +214,7 @@ def _xml_rule(upstream: bytes, local: bytes) -> _Rule:
         return match.group(1) + local
 
     # <Value number="1">https://...</Value>
-    return _Rule(upstream, pattern, replacement, b">" + upstream + b"/", b">" + local + b"/")
+    return _Rule(upstream, pattern, replacement, before=b">", after=b"/", plain_replacement=local)
 
 
 def _prefixes(text: bytes) -> bytes:
