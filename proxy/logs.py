@@ -9,9 +9,10 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import threading
 import time
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, TextIO
 
 from aiohttp import web
 from aiohttp.abc import AbstractAccessLogger
@@ -120,17 +121,19 @@ class TextFormatter(logging.Formatter):
         return f"{self._second_text},{int(record.msecs):03d}"
 
 
-class LoopTurnHandler(logging.StreamHandler):  # type: ignore[type-arg]
+class LoopTurnHandler(logging.StreamHandler[TextIO]):
     """Writes the lines of one event-loop turn in one go, where a plain StreamHandler makes a write(2) per line.
 
     A busy proxy answers many requests per turn: a system call per access line cost a small request 5% of
-    its time. A line logged outside the loop's thread (the DIMSE gateway's, start-up, exit) goes out at
-    once, or with the lines the loop holds if it holds some, so the order stays as logged.
+    its time. A line logged anywhere else (the DIMSE gateway's threads, start-up, after the loop closed)
+    goes out at once, after those the loop holds, so nothing waits on a busy loop and the order stays.
     """
 
-    def __init__(self) -> None:
-        super().__init__()
+    def __init__(self, stream: TextIO | None = None) -> None:
+        super().__init__(stream)
         self._held: list[str] = []
+        # The loop (and its thread) whose flush is on its way, if one is.
+        self._turn: tuple[int, asyncio.AbstractEventLoop] | None = None
 
     def emit(self, record: logging.LogRecord) -> None:
         try:
@@ -139,20 +142,25 @@ class LoopTurnHandler(logging.StreamHandler):  # type: ignore[type-arg]
             self.handleError(record)
             return
         self._held.append(line)
-        if len(self._held) > 1:
-            return  # the loop's flush is on its way
+        turn = self._turn
+        if turn is not None and turn[0] == threading.get_ident() and turn[1].is_running():
+            return  # this turn's flush is on its way
         try:
-            asyncio.get_running_loop().call_soon(self.flush)
+            loop = asyncio.get_running_loop()
         except RuntimeError:
             self.flush()
+            return
+        self._turn = (threading.get_ident(), loop)
+        loop.call_soon(self.flush)
 
     def flush(self) -> None:
-        with self.lock:  # type: ignore[union-attr]
-            if self._held:
-                text = "".join(self._held)
-                self._held.clear()
+        assert self.lock is not None
+        with self.lock:
+            self._turn = None
+            held, self._held = self._held, []
+            if held:
                 try:
-                    self.stream.write(text)
+                    self.stream.write("".join(held))
                     self.stream.flush()
                 except (OSError, ValueError):
                     pass  # stderr is closed or gone: the lines have nowhere to go
