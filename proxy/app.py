@@ -192,8 +192,7 @@ class Proxy:
                 else:
                     assert self._forwarder is not None, "start() was not awaited"
                     request[FORWARDED] = True
-                    if "Expect" in request.headers:
-                        await _invite_body(request)
+                    await _invite_body(request)
                     answer = await self._forwarder(request)
         except ProxyError as error:
             logger.warning(

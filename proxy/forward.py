@@ -118,11 +118,6 @@ class _Silence:
         self._timer = self._loop.call_at((now if self._since is None else self._since) + self._limit, self._check)
 
 
-def _client_left(request: web.BaseRequest, silence: _Silence) -> None:
-    if not silence.noticed:  # else it was cut, and that was logged
-        logger.info("client went away during %s %s", request.method, loggable(request.path))
-
-
 def _failure_kind(exc: BaseException) -> str:
     """How an upstream answer broke off mid-body, as counted in dicom_proxy_upstream_errors_total."""
     return "timeout" if isinstance(exc, TimeoutError) else "reset"
@@ -307,15 +302,11 @@ class Forwarder:
                 first = b""
                 pieces = (chunk,) if transform is None else transform.feed(chunk)
                 for piece in pieces:
-                    if piece and not await self._write(request, response, piece, silence):
+                    if piece and not await self._write(request, response, silence, piece):
                         return response
-            if transform is not None and not await self._write(request, response, transform.finish(), silence):
+            if transform is not None and not await self._write(request, response, silence, transform.finish()):
                 return response
-            silence.waiting()
-            await response.write_eof()
-        except ConnectionResetError:
-            # Only writes raise it (the upstream's breaks are ClientErrors): the client left as the answer ended.
-            _client_left(request, silence)
+            await self._write(request, response, silence, None)
         except (TimeoutError, aiohttp.ClientError, DecodeError) as exc:
             # Close instead of finishing the response: a client must never take a cut body for whole.
             request[UPSTREAM_FAILURE] = _failure_kind(exc)
@@ -332,15 +323,17 @@ class Forwarder:
         return response
 
     async def _write(
-        self, request: web.BaseRequest, response: web.StreamResponse, chunk: bytes, silence: _Silence
+        self, request: web.BaseRequest, response: web.StreamResponse, silence: _Silence, chunk: bytes | None
     ) -> bool:
-        """Write on; False when the client went away or was cut for reading nothing for the read timeout."""
+        """Write `chunk` on (None: end the answer); False when the client went away, or was cut for reading
+        nothing for the read timeout."""
         silence.waiting()
         try:
-            await response.write(chunk)
-        except ConnectionResetError:
-            # Leaving closes the upstream connection, which cancels its side.
-            _client_left(request, silence)
+            await (response.write_eof() if chunk is None else response.write(chunk))
+        except ConnectionError:
+            if not silence.noticed:  # else it was cut, and that was logged
+                # Leaving closes the upstream connection, which cancels its side.
+                logger.info("client went away during %s %s", request.method, loggable(request.path))
             return False
         silence.heard()
         return not silence.noticed

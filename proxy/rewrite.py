@@ -177,9 +177,10 @@ class _Rule:
         # memchr rules out a needle with a backslash (JSON's escaped form) far faster than a search for it.
         return (b"\\" not in self.needle or b"\\" in text) and self.needle in text
 
-    def quick(self, text: bytes, before: bytes) -> bytes | None:
-        """The text rewritten when every occurrence of the needle is the usual link; else None."""
-        if not self.after or before == b"\\" or (b"\\" in text and b"\\" + self.needle in text):
+    def quick(self, text: bytes, previous: bytes) -> bytes | None:
+        """The text rewritten when every occurrence of the needle is the usual link; else None. `previous` is
+        the byte just before `text`."""
+        if not self.after or previous == b"\\" or (b"\\" in text and b"\\" + self.needle in text):
             return None  # a backslash escapes the needle's quote: the URL is inside a longer string
         parts = text.split(self.needle)
         # Checked in C, part by part: every needle is followed (and preceded) as the usual link is.
