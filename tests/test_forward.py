@@ -75,6 +75,17 @@ def test_client_secrets_and_hop_by_hop_headers_never_reach_the_upstream(start_pr
     assert "accept-encoding" not in names and "user-agent" not in names
 
 
+def test_uploads_without_a_content_type_reach_the_upstream_without_one(start_proxy, upstream):
+    # aiohttp would label a body application/octet-stream, and the service would refuse a STOW so labelled.
+    proxy = start_proxy()
+    for framing in (b"Content-Length: 5\r\n\r\nhello", b"Transfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n0\r\n\r\n"):
+        request = b"POST /echo/upload HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n" + framing
+        assert raw_exchange(proxy.port, request).startswith(b"HTTP/1.1 200")
+        seen = upstream.seen[-1]
+        assert (seen.method, seen.raw_path) == ("POST", "/echo/upload")
+        assert {"content-type", "accept", "accept-encoding", "user-agent"}.isdisjoint(seen.header_names())
+
+
 def test_paths_and_queries_pass_byte_for_byte(start_proxy, upstream, curl):
     proxy = start_proxy()
     target = "/echo/v2/partitions/p%201/studies/1.2.3%2F4//series?PatientName=Doe%5EJohn&x=a:b&y=%2F"
