@@ -31,6 +31,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 NAMES = ("direct", "nginx", "bare", "proxy")
 GiB = 1024**3
+# The newcomers row: connections opened at once while others keep each server busy.
+NEWCOMERS, NEWCOMERS_BUSY = 256, 64
 MiB = 1024**2
 
 
@@ -165,6 +167,7 @@ class Bench:
         self.az_calls = az / "calls.log"
         self.env = dict(os.environ, PATH=f"{az}{os.pathsep}{os.environ['PATH']}")
         self.proxy_log = (self.home / "proxy.log").open("wb")
+        self.bare_log = (self.home / "bare.log").open("wb")
 
         plain = self.start_forwarders("plain", f"http://127.0.0.1:{upstream}", upstream)
         tls = self.start_forwarders("tls", f"https://127.0.0.1:{tls_upstream}", tls_upstream)
@@ -187,7 +190,7 @@ class Bench:
             subprocess.Popen(
                 [sys.executable, str(ROOT / "bench" / "bare_forwarder.py"), upstream_url, str(bare), str(self.ca)],
                 # It logs a traceback for each connection wrk drops at the end of a run.
-                stdout=self.proxy_log,
+                stdout=self.bare_log,
                 stderr=subprocess.STDOUT,
             )
         )
@@ -274,7 +277,7 @@ class Bench:
         assert codes == [0] * count, f"a concurrent fetch failed: {codes}"
         return peak
 
-    def newcomers(self, url: str, busy: int = 64, arriving: int = 256) -> dict[str, float]:
+    def newcomers(self, url: str, busy: int = NEWCOMERS_BUSY, arriving: int = NEWCOMERS) -> dict[str, float]:
         """Time to the first answer for `arriving` new connections opened at once while `busy` others keep
         `url` saturated: what a viewer opening a study waits for while another loads (p50 and max, ms)."""
         load = subprocess.Popen(["wrk", "-t1", f"-c{busy}", "-d8s", f"{url}/small.json"], stdout=subprocess.DEVNULL)
@@ -283,6 +286,7 @@ class Bench:
             host, port = url.removeprefix("http://").split(":")
             times = sorted(asyncio.run(_first_answers(host, int(port), arriving)))
         finally:
+            load.terminate()
             load.wait()
         return {"p50_ms": times[len(times) // 2] * 1000, "max_ms": times[-1] * 1000}
 
@@ -300,13 +304,13 @@ async def _first_answers(host: str, port: int, count: int) -> list[float]:
 
     async def one() -> float:
         started = time.perf_counter()
-        reader, writer = await asyncio.open_connection(host, port)
+        reader, writer = await asyncio.wait_for(asyncio.open_connection(host, port), 30)
         try:
             writer.write(f"GET /small.json HTTP/1.1\r\nHost: {host}:{port}\r\n\r\n".encode())
             head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 30)
             length = re.search(rb"(?i)content-length: *(\d+)", head)
             assert length is not None, head
-            await reader.readexactly(int(length.group(1)))
+            await asyncio.wait_for(reader.readexactly(int(length.group(1))), 30)
             return time.perf_counter() - started
         finally:
             writer.close()
@@ -457,7 +461,7 @@ def table(report: dict[str, object]) -> str:
     assert isinstance(newcomers, dict)
     lines.append(
         row(
-            "256 new connections while 64 keep it busy: first answer p50 / max",
+            f"{NEWCOMERS} new connections while {NEWCOMERS_BUSY} keep it busy: first answer p50 / max",
             [f"{newcomers[name]['p50_ms']:.0f} / {newcomers[name]['max_ms']:.0f} ms" for name in NAMES],
         )
     )
