@@ -360,6 +360,7 @@ def make_some_traffic(proxy) -> None:  # noqa: ANN001
 
 
 def test_a_person_sees_identity_expiry_base_url_and_live_requests(browser, start_proxy, upstream, tmp_path):
+    from selenium.common.exceptions import StaleElementReferenceException
     from selenium.webdriver.common.by import By
     from selenium.webdriver.support.ui import WebDriverWait
 
@@ -380,18 +381,22 @@ def test_a_person_sees_identity_expiry_base_url_and_live_requests(browser, start
     assert re.fullmatch(r"expires 20\d\d-\d\d-\d\d \d\d:\d\d:\d\d UTC \(in (59|60) min\)", expiry), expiry
     assert browser.find_element(By.ID, "base-url").text == f"{origin}/v2"
     assert "qidoRoot: '" + f"{origin}/v2'" in text, "the OHIF block is open and filled in"
-    rows = browser.find_elements(By.CSS_SELECTOR, '[data-f="recent"] tr')
-    first = [cell.text for cell in rows[0].find_elements(By.TAG_NAME, "td")]
+    # The live refresh replaces the rows: an element found before it is stale after it, so wait and retry.
+    live = WebDriverWait(browser, 15, ignored_exceptions=(StaleElementReferenceException,))
+    first = live.until(
+        lambda driver: [
+            cell.text
+            for cell in driver.find_element(By.CSS_SELECTOR, '[data-f="recent"] tr').find_elements(By.TAG_NAME, "td")
+        ]
+    )
     assert first[1:4] == ["GET", "/echo/v2/studies/1.2.3", "200"]
     assert "includefield" not in text and "DOE" not in text
 
     # Live refresh: the script has run and a request made now appears without a reload.
-    WebDriverWait(browser, 15).until(
-        lambda driver: driver.find_element(By.CSS_SELECTOR, '[data-f="live"]').text.startswith("Live:")
-    )
+    live.until(lambda driver: driver.find_element(By.CSS_SELECTOR, '[data-f="live"]').text.startswith("Live:"))
     browser.execute_script("window.notReloaded = true")
     assert requests.get(f"{origin}/echo/v2/studies/4.5.6/series", timeout=10).status_code == 200
-    WebDriverWait(browser, 15).until(
+    live.until(
         lambda driver: (
             "/echo/v2/studies/4.5.6/series" in driver.find_element(By.CSS_SELECTOR, '[data-f="recent"] tr').text
         )
