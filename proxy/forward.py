@@ -356,7 +356,7 @@ def _whole_body(body: bytes, transform: BodyTransform | None, headers: CIMultiDi
     if transform is None:
         return body
     if not transform.inflates:
-        rewritten = transform.whole(body) if transform.mapping.found_in(body) else None
+        rewritten = transform.whole(body)
     elif not transform.changes(body):
         rewritten = None
     elif transform.plain_size > WHOLE_ANSWER_LIMIT:

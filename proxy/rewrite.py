@@ -48,17 +48,6 @@ class BaseMapping:
     upstream: str
     local: str
 
-    @functools.cached_property
-    def _needles(self) -> tuple[bytes, bytes]:
-        upstream = self.upstream.encode()
-        return upstream, upstream.replace(b"/", b"\\/")
-
-    def found_in(self, body: bytes) -> bool:
-        """Whether an identity body holds the upstream base at all, in either JSON form: most answers don't."""
-        plain, escaped = self._needles
-        # memchr rules out JSON's escaped form, which has backslashes, far faster than a search for it.
-        return plain in body or (b"\\" in body and escaped in body)
-
     def rewrite_url(self, value: str) -> str:
         if not value.startswith(self.upstream):
             return value
@@ -280,6 +269,13 @@ class BodyRewriter:
         self._held = data[ready:]
         return self._rewrite(data, ready)
 
+    def may_change(self, text: bytes) -> bool:
+        """Whether `text` holds a needle of any rule: a text without one passes through unchanged."""
+        for rule in self._rules:
+            if rule.found_in(text):
+                return True
+        return False
+
     def finish(self) -> bytes:
         """The rest, at the end of the body: whatever was held back, rewritten if it was a whole link."""
         data, self._held = self._held, b""
@@ -388,14 +384,14 @@ class BodyTransform:
     """What a JSON or XML answer goes through on its way to the client: inflated if encoded, then rewritten."""
 
     def __init__(self, kind: BodyKind, mapping: BaseMapping, encoding: str | None = None) -> None:
-        self._kind, self.mapping, self._encoding = kind, mapping, encoding
+        self._kind, self._mapping, self._encoding = kind, mapping, encoding
         self.plain_size = 0  # identity bytes fed to the rewriter so far
         self._rewriter = BodyRewriter(kind, mapping)
         self._inflater = inflater_for(encoding)
 
     def fresh(self) -> BodyTransform:
         """The same transform, unused: for a second pass over the same body."""
-        return BodyTransform(self._kind, self.mapping, self._encoding)
+        return BodyTransform(self._kind, self._mapping, self._encoding)
 
     @property
     def inflates(self) -> bool:
@@ -421,6 +417,8 @@ class BodyTransform:
     def whole(self, body: bytes) -> bytes | None:
         """A whole identity body rewritten at once, or None when no link in it changed."""
         assert self._inflater is None, "an encoded body may inflate to any size: stream it"
+        if not self._rewriter.may_change(body):
+            return None  # most answers hold no link: no pass over them at all
         rewritten = self._rewriter.feed(body) + self._rewriter.finish()
         return rewritten if self._rewriter.changed else None
 
