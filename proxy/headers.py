@@ -25,8 +25,11 @@ HOP_BY_HOP = frozenset(
 # Client credentials meant for the proxy (or for nobody) that must never reach the service.
 CLIENT_SECRETS = frozenset({"authorization", "cookie", "x-dicom-proxy-key"})
 
-# Ask some servers to act as another method: a GET that deletes would pass --read-only.
-METHOD_OVERRIDES = frozenset({"x-http-method-override", "x-http-method", "x-method-override"})
+# Ask some servers to act as another method (a GET that deletes would pass --read-only) or, on servers
+# that honour them (IIS URL Rewrite), another path, which would route around the path checks made here.
+REQUEST_OVERRIDES = frozenset(
+    {"x-http-method-override", "x-http-method", "x-method-override", "x-original-url", "x-rewrite-url"}
+)
 
 # Set by the proxy itself, so whatever the client sent is replaced rather than trusted.
 REPLACED_ON_THE_WAY_UP = frozenset(
@@ -45,7 +48,7 @@ def connection_tokens(headers: Headers) -> set[str]:
 
 
 # What never crosses, per direction; precomputed because these run on every request.
-_NOT_UP = HOP_BY_HOP | CLIENT_SECRETS | REPLACED_ON_THE_WAY_UP | METHOD_OVERRIDES
+_NOT_UP = HOP_BY_HOP | CLIENT_SECRETS | REPLACED_ON_THE_WAY_UP | REQUEST_OVERRIDES
 _NOT_DOWN = HOP_BY_HOP
 
 

@@ -69,3 +69,18 @@ def test_response_headers_drop_what_connection_names():
         ("Set-Cookie", "a=1"),
         ("Set-Cookie", "b=2"),
     ]
+
+
+def test_url_override_headers_never_go_up():
+    # IIS URL Rewrite routes by X-Original-URL / X-Rewrite-URL, around the path checks made here.
+    incoming = CIMultiDict(
+        [
+            ("X-Original-URL", "/admin"),
+            ("X-Rewrite-URL", "/admin"),
+            ("X-HTTP-Method-Override", "DELETE"),
+            ("Accept", "application/dicom+json"),
+        ]
+    )
+    names = {name.lower() for name in forward(incoming)}
+    assert names.isdisjoint({"x-original-url", "x-rewrite-url", "x-http-method-override"})
+    assert "accept" in names
