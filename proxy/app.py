@@ -73,6 +73,8 @@ def error_response(error: ProxyError) -> web.Response:
     )
     if isinstance(error, AccessKeyRequired):
         response.headers["WWW-Authenticate"] = 'Basic realm="dicom-auth-proxy"'
+    if error.retry_after is not None:
+        response.headers["Retry-After"] = str(error.retry_after)
     return response
 
 

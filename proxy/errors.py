@@ -50,9 +50,11 @@ class ProxyError(Exception):
     code = "internal_error"
     hint = "This is a bug in dicom-auth-proxy; please report it with the log lines around it."
 
-    def __init__(self, detail: str, *, hint: str | None = None) -> None:
+    def __init__(self, detail: str, *, hint: str | None = None, retry_after: int | None = None) -> None:
+        """`retry_after`: whole seconds after which trying again can succeed (the Retry-After header)."""
         super().__init__(detail)
         self.detail = detail
+        self.retry_after = retry_after
         if hint is not None:
             self.hint = hint
 
