@@ -9,10 +9,13 @@ ARG BASE=python:3.12-slim
 
 FROM ${BASE} AS build
 WORKDIR /src
-COPY pyproject.toml README.md ./
+COPY pyproject.toml ./
 COPY proxy ./proxy
 # Every wheel the runtime needs, so the runtime stage installs offline and carries no build tools.
-RUN python3 -m venv /opt/build \
+# pyproject names README.md as the long description; a stub stands in, so editing the README does not
+# invalidate the build (it is not in the image's context at all, see .dockerignore).
+RUN echo "dicom-auth-proxy: see the project's README" > README.md \
+    && python3 -m venv /opt/build \
     && /opt/build/bin/pip wheel --no-cache-dir --wheel-dir /wheels .
 
 FROM ${BASE}
