@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import warnings
+from io import BytesIO
 
 import pytest
 from pydicom import Dataset
+from pynetdicom.dsutils import decode, encode
 
 from proxy.dimse.mapping import (
     IdentifierError,
@@ -153,3 +155,35 @@ def test_listed_instances_become_wado_paths_per_series_or_per_instance():
     assert instance_ref(item) == InstanceRef("1.2", "1.2.3", "1.2.3.1", "1.2.840.10008.5.1.4.1.1.2")
     with pytest.raises(IdentifierError):
         instance_ref({**item, "0020000E": {"vr": "UI", "Value": ["../x"]}})
+
+
+def test_a_matching_value_sent_as_un_is_decoded_and_one_of_unknown_vr_is_refused():
+    """pydicom sends a value too long for its VR as UN, and so do senders that do not know the tag: decoded with
+    the dictionary's VR it matches as text; without one it cannot be searched (0xA900), never as a bytes repr."""
+    sent = identifier("STUDY", StudyDescription="CT+HEAD+" * 9000, StudyInstanceUID="")
+    sent.add_new(0x00100020, "UN", b"PAT\\ID2 ")  # a short UN of a known tag, as a sender that knows no VR sends it
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # pydicom warns that the value is too long for LO
+        received = decode(BytesIO(encode(sent, False, True)), False, True)
+    assert received[0x00081030].VR == "UN"  # what pynetdicom hands the handler
+    params = dict(search_for(received).params)
+    assert params["00081030"] == "CT+HEAD+" * 9000
+    assert params["00100020"] == "PAT\\ID2"
+    unknown = identifier("STUDY")
+    unknown.add_new(0x00091001, "UN", b"DOE^JANE")
+    with pytest.raises(IdentifierError) as refused:
+        search_for(decode(BytesIO(encode(unknown, False, True)), False, True))
+    assert refused.value.status == IDENTIFIER_DOES_NOT_MATCH_SOP_CLASS and "DOE" not in refused.value.detail
+
+
+def test_every_answer_carries_the_retrieve_ae_title_asked_for_or_not():
+    search = search_for(identifier("STUDY", StudyInstanceUID=""))
+    result = answer({"0020000D": {"vr": "UI", "Value": ["1.2.3"]}}, search, retrieve_aet="DICOMPROXY")
+    assert result.RetrieveAETitle == "DICOMPROXY" and result["RetrieveAETitle"].VR == "AE"
+
+
+def test_a_level_that_is_not_one_is_refused_without_repeating_it():
+    with pytest.raises(IdentifierError) as refused, warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # pydicom's own, about the value
+        search_for(identifier("DOE^JANE"))
+    assert "DOE" not in refused.value.detail and "JANE" not in refused.value.detail

@@ -15,6 +15,8 @@ from dataclasses import dataclass
 from typing import Any
 
 from pydicom import Dataset, datadict
+from pydicom.charset import convert_encodings, decode_bytes
+from pydicom.dataelem import DataElement
 from pydicom.multival import MultiValue
 from pydicom.tag import BaseTag, Tag
 
@@ -34,6 +36,10 @@ _STUDY, _SERIES, _INSTANCE, _SOP_CLASS = 0x0020000D, 0x0020000E, 0x00080018, 0x0
 # A UID as PS3.5 9.1 allows it; anything else never reaches a URL path.
 _UID = re.compile(r"^[0-9]+(\.[0-9]+)*$")
 _WILDCARDS = ("*", "?")
+# VRs whose values are text, the only ones a UN value is decoded as (PS3.5 6.2).
+_TEXT_VRS = frozenset(
+    {"AE", "AS", "CS", "DA", "DS", "DT", "IS", "LO", "LT", "PN", "SH", "ST", "TM", "UC", "UI", "UR", "UT"}
+)
 # SOP Instance UIDs asked for in one QIDO request, so that the query string stays short.
 UIDS_PER_SEARCH = 50
 
@@ -73,7 +79,8 @@ def query_level(identifier: Dataset) -> str:
     if level == "PATIENT":
         raise IdentifierError("PATIENT level is not supported; query at STUDY level instead", UNABLE_TO_PROCESS)
     if level not in LEVELS:
-        raise IdentifierError(f"Query/Retrieve Level must be STUDY, SERIES or IMAGE, got {level[:16]!r}")
+        # The value is not repeated: a peer may put anything there, a patient's name included.
+        raise IdentifierError("Query/Retrieve Level must be STUDY, SERIES or IMAGE")
     return level
 
 
@@ -96,11 +103,12 @@ def search_for(identifier: Dataset) -> Search:
         tag = element.tag
         if tag in (_QUERY_RETRIEVE_LEVEL, _SPECIFIC_CHARACTER_SET) or tag.element == 0:
             continue
-        keys.append((tag, element.VR))
+        vr, value = _decoded(identifier, element)
+        keys.append((tag, vr))
         if tag in in_path or tag == _RETRIEVE_AE_TITLE:
             continue
-        text = _match_text(element.VR, element.value)
-        if element.VR == "SQ" or not text:
+        text = _match_text(vr, value)
+        if vr == "SQ" or not text:
             # Sequence matching is not offered by QIDO-RS: a sequence is only asked for, never matched.
             params.append(("includefield", f"{tag:08X}"))
         else:
@@ -128,10 +136,10 @@ def answer(item: Mapping[str, Any], search: Search, *, retrieve_aet: str) -> Dat
     for tag, vr in search.keys:
         if tag in found:
             result[tag] = found[tag]
-        elif tag == _RETRIEVE_AE_TITLE:
-            result.RetrieveAETitle = retrieve_aet
-        else:
+        elif tag != _RETRIEVE_AE_TITLE:
             result.add_new(tag, vr, [] if vr == "SQ" else None)
+    # In every answer, asked for or not: where to retrieve from (PS3.4 C.4.1.1.3.2), as native archives do.
+    result.RetrieveAETitle = retrieve_aet
     return result
 
 
@@ -183,6 +191,24 @@ def retrieve_paths(level: str, instances: Iterable[InstanceRef]) -> list[tuple[s
         path = f"{series_path}/instances/{ref.instance}" if level == "IMAGE" else series_path
         groups.setdefault(path, []).append(ref)
     return list(groups.items())
+
+
+def _decoded(identifier: Dataset, element: DataElement) -> tuple[str, Any]:
+    """The VR and value of a key; one that came as UN (too long for its VR, or from a sender that does not know
+    the tag) is decoded as text in the dictionary's VR, and one of no text VR cannot be matched (0xA900)."""
+    if element.VR != "UN":
+        return element.VR, element.value
+    vr = datadict.dictionary_VR(element.tag) if datadict.dictionary_has_tag(element.tag) else "UN"
+    vr = "UN" if " or " in vr else vr  # e.g. "US or SS": no one VR to answer in
+    raw = element.value or b""
+    if not raw:
+        return vr, None
+    if vr not in _TEXT_VRS or not isinstance(raw, bytes):
+        raise IdentifierError(f"the key {_tag_text(element.tag)} came as UN, of no VR it can be matched in")
+    charset = identifier.get("SpecificCharacterSet") or "ISO_IR 6"
+    text = decode_bytes(raw, convert_encodings(charset), {"\\"}).rstrip("\0 ")
+    values = text.split("\\")
+    return vr, values if len(values) > 1 else values[0]
 
 
 def _match_text(vr: str, value: Any) -> str:
