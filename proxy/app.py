@@ -26,7 +26,7 @@ from azure.core.credentials_async import AsyncSupportsTokenInfo
 from multidict import CIMultiDict
 
 from . import __version__
-from .connection import ACCESS_LOG, HttpServer
+from .connection import ACCESS_LOG, NO_HTTP_VERSION, HttpServer
 from .credentials import build_credential, end_child_processes
 from .errors import (
     AccessKeyRequired,
@@ -38,7 +38,7 @@ from .errors import (
 )
 from .forward import UPSTREAM_FAILURE, Forwarder
 from .guard import Guard
-from .logs import MALFORMED, AccessLogger, access_line
+from .logs import MALFORMED, AccessLogger, access_line, sent_bytes
 from .metrics import Metrics
 from .observe import REQUEST_ID, REQUEST_ID_HEADER, Readiness, RequestIds, health
 from .session import READ_BUFFER, upstream_session
@@ -165,11 +165,12 @@ class Proxy:
             return response
         finally:
             if response is None:
-                status, sent = None, 0
+                status, sent = None, sent_bytes(request)
             else:
-                # A response not prepared yet is written by aiohttp after this returns, whole.
+                # A response not prepared yet is written by aiohttp after this returns, whole; one prepared
+                # may have been cut off, so what went out is counted rather than what was meant to.
                 status = response.status
-                sent = response.body_length if response.prepared else response.content_length or 0
+                sent = sent_bytes(request) if response.prepared else response.content_length or 0
             self.metrics.end(request, status, sent, started, request.get(UPSTREAM_FAILURE))
             seconds = time.perf_counter() - started
             # Only what was forwarded: the status page's refreshes, or a hostile page's refused requests,
@@ -178,11 +179,12 @@ class Proxy:
                 self.recent.append((time.time(), request.method, request.path, status, seconds))
             if response is None:
                 # aiohttp logs only answers it finished; a client that went away mid-answer gets its line here.
-                access_line(ACCESS_LOG, request.remote, request.method, loggable(request.path), None, sent, seconds,
-                            request.get(REQUEST_ID))  # fmt: skip
+                access_line(ACCESS_LOG, request, None, seconds)
 
     async def _answer(self, request: web.BaseRequest) -> web.StreamResponse:
         try:
+            if request.get(NO_HTTP_VERSION):
+                raise RequestRefused("the request line names no HTTP version (HTTP/0.9 is not served)")
             answer = self.guard.check(request)
             if answer is None:
                 path = request.path

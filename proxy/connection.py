@@ -13,12 +13,16 @@ import logging
 from collections.abc import Awaitable, Callable
 from typing import Any
 
-from aiohttp import web
+from aiohttp import HttpVersion10, HttpVersion11, StreamReader, web
+from aiohttp.abc import AbstractStreamWriter
+from aiohttp.http_parser import RawRequestMessage
 
 from .errors import ClientTimeout
 from .logs import access_line
 
 ACCESS_LOG = logging.getLogger("aiohttp.access")
+# Set on a request whose request line named no HTTP version: the handler refuses it.
+NO_HTTP_VERSION = web.RequestKey("no_http_version", bool)
 
 Handler = Callable[[web.BaseRequest], Awaitable[web.StreamResponse]]
 # The answer to bytes the parser refused (a 4xx status) or to a handler that failed (500).
@@ -68,9 +72,10 @@ class Connection(web.RequestHandler):
                 "HTTP/1.1 408 Request Timeout\r\nContent-Type: application/json\r\n"
                 f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n"
             )
-            self.transport.write(head.encode() + body)
+            answer = head.encode() + body
+            self.transport.write(answer)
             peer = self.transport.get_extra_info("peername")
-            access_line(ACCESS_LOG, peer[0] if peer else None, "-", "-", 408, len(body), self._silence, None)
+            access_line(ACCESS_LOG, None, 408, self._silence, peer=peer[0] if peer else None, sent=len(answer))
         self.force_close()
 
     def handle_error(
@@ -91,8 +96,26 @@ class HttpServer(web.Server):
     """aiohttp's low-level server with one handler for every request, making `Connection`s."""
 
     def __init__(self, handler: Handler, *, refuse: Refuse, silence: float, **options: Any) -> None:
-        super().__init__(handler, handler_cancellation=True, **options)
+        super().__init__(handler, handler_cancellation=True, request_factory=self._request, **options)
         self._connection_options = {"refuse": refuse, "silence": silence, **options}
+
+    def _request(
+        self,
+        message: RawRequestMessage,
+        payload: StreamReader,
+        protocol: web.RequestHandler,
+        writer: AbstractStreamWriter,
+        task: asyncio.Task[None],
+    ) -> web.BaseRequest:
+        # A request line without a version is HTTP/0.9 to aiohttp, which would answer it with an
+        # "HTTP/0.9 ..." status line no client reads: it is marked for refusal and answered as HTTP/1.1.
+        obsolete = message.version < HttpVersion10
+        if obsolete:
+            message = message._replace(version=HttpVersion11)
+        request = web.BaseRequest(message, payload, protocol, writer, task, self._loop)
+        if obsolete:
+            request[NO_HTTP_VERSION] = True
+        return request
 
     def __call__(self) -> web.RequestHandler:
         return Connection(self, loop=asyncio.get_running_loop(), **self._connection_options)

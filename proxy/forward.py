@@ -27,6 +27,8 @@ from .errors import (
     loggable,
 )
 from .headers import client_response_headers, upstream_request_headers
+from .internals import AsSentResponse, AsSentStreamResponse
+from .logs import SENT_BEFORE_CUT
 from .rewrite import (
     BaseMapping,
     BodyTransform,
@@ -258,7 +260,7 @@ class Forwarder:
             first = await self._read_whole(request, upstream)
             body = _whole_body(first, transform, headers)
             if body is not None:
-                return web.Response(status=upstream.status, reason=upstream.reason, headers=headers, body=body)
+                return AsSentResponse(status=upstream.status, reason=upstream.reason, headers=headers, body=body)
             assert transform is not None
             transform = transform.fresh()  # `first` streams out through a second pass
         if transform is not None:
@@ -277,7 +279,7 @@ class Forwarder:
         first: bytes = b"",
     ) -> web.StreamResponse:
         """Stream the answer out, `first` (the body read so far) before the rest from the upstream."""
-        response = web.StreamResponse(status=upstream.status, reason=upstream.reason, headers=headers)
+        response = AsSentStreamResponse(status=upstream.status, reason=upstream.reason, headers=headers)
         await response.prepare(request)
         if request.transport is not None and transform is None:
             # The default 64 KiB high-water mark makes every 1 MiB chunk wait for the client before the next
@@ -310,6 +312,7 @@ class Forwarder:
         except (TimeoutError, aiohttp.ClientError, DecodeError) as exc:
             # Close instead of finishing the response: a client must never take a cut body for whole.
             request[UPSTREAM_FAILURE] = _failure_kind(exc)
+            request[SENT_BEFORE_CUT] = request.writer.output_size
             logger.warning(
                 "upstream broke off %s %s mid-body (%s); closing the client connection",
                 request.method,
@@ -328,9 +331,11 @@ class Forwarder:
         """Write `chunk` on (None: end the answer); False when the client went away, or was cut for reading
         nothing for the read timeout."""
         silence.waiting()
+        sent = request.writer.output_size
         try:
             await (response.write_eof() if chunk is None else response.write(chunk))
         except ConnectionError:
+            request[SENT_BEFORE_CUT] = sent
             if not silence.noticed:  # else it was cut, and that was logged
                 # Leaving closes the upstream connection, which cancels its side.
                 logger.info("client went away during %s %s", request.method, loggable(request.path))

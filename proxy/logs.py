@@ -22,47 +22,51 @@ from .observe import REQUEST_ID
 
 # Set on the stand-in request aiohttp makes for bytes its parser refused: it has no real method or path.
 MALFORMED = web.RequestKey("malformed", bool)
+# Set where an answer is cut off: the bytes that went out before. aiohttp counts the write that found the
+# connection closed (a chunk, or the end of a chunked body) as sent.
+SENT_BEFORE_CUT = web.RequestKey("sent_before_cut", int)
 
 
 class AccessLogger(AbstractAccessLogger):
-    """One line per request; the query string is left out because it can hold patient names."""
+    """aiohttp's hook for answers it finished (or failed to finish) writing: one access line each."""
 
     def log(self, request: web.BaseRequest, response: web.StreamResponse, time: float) -> None:
-        if request.get(MALFORMED):
-            method, path = "-", "-"
-        else:
-            method, path = request.method, loggable(request.path)
-        access_line(
-            self.logger,
-            request.remote,
-            method,
-            path,
-            response.status,
-            response.body_length,
-            time,
-            request.get(REQUEST_ID),
-        )
+        access_line(self.logger, request, response.status, time)
+
+
+def sent_bytes(request: web.BaseRequest) -> int:
+    """The bytes of a request's answer that went out (headers included), also when it was cut off."""
+    sent: int = request.get(SENT_BEFORE_CUT, request.writer.output_size)
+    return sent
 
 
 def access_line(
     log: logging.Logger,
-    client: str | None,
-    method: str,
-    path: str,
+    request: web.BaseRequest | None,
     status: int | None,
-    size: int,
     seconds: float,
-    request_id: str | None,
+    *,
+    peer: str | None = None,
+    sent: int = 0,
 ) -> None:
-    """The access line; `status` None for an exchange that broke off before its answer was complete."""
+    """The one writer of access lines, so the rules (no query string, escaped path, bytes on the wire) hold
+    for every exchange: finished, cut off, or refused before a request was read (`request` None, from `peer`
+    after `sent` bytes). `status` None for an exchange that broke off before its answer was complete.
+    """
+    if request is None:
+        client, method, path = peer, "-", "-"
+    else:
+        client, sent = request.remote, sent_bytes(request)
+        method, path = ("-", "-") if request.get(MALFORMED) else (request.method, loggable(request.path))
+    request_id = (request.get(REQUEST_ID) if request is not None else None) or "-"
     fields = {
         "client": client,
         "method": method,
         "path": path,
         "status": status,
-        "bytes": size,
+        "bytes": sent,
         "seconds": round(seconds, 4),
-        "request_id": request_id or "-",
+        "request_id": request_id,
     }
     log.info(
         '%s "%s %s" %s %d %.3fs id=%s',
@@ -70,9 +74,9 @@ def access_line(
         method,
         path,
         "-" if status is None else status,
-        size,
+        sent,
         seconds,
-        request_id or "-",
+        request_id,
         extra={"access": fields},
     )
 
@@ -177,5 +181,6 @@ def configure_logging(log_format: str, *, level: int = logging.INFO) -> None:
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level)
-    # azure-identity logs every get_token at INFO; our own token lines say what matters.
-    logging.getLogger("azure").setLevel(logging.WARNING)
+    # azure-identity logs every get_token at INFO and each failure at WARNING; our own token lines say what
+    # matters, once per try (tokens.py).
+    logging.getLogger("azure").setLevel(logging.ERROR)

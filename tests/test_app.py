@@ -97,3 +97,27 @@ async def test_the_proxy_runs_in_process_with_an_injected_credential_and_session
         assert not session.closed, "a session handed in stays the caller's"
     assert upstream.seen[-1].header("Authorization") == f"Bearer {token}"
     assert credential.calls == 1
+
+
+def test_a_request_line_without_a_version_gets_an_http_1_1_400(start_proxy, upstream):
+    from .conftest import raw_exchange
+
+    proxy = start_proxy()
+    for request in (b"GET /x\r\n\r\n", b"GET /echo/x\r\nHost: localhost\r\n\r\n"):
+        answer = raw_exchange(proxy.port, request)
+        head, _, body = answer.partition(b"\r\n\r\n")
+        assert head.startswith(b"HTTP/1.1 400 "), answer
+        assert json.loads(body)["error"] == "bad_request"
+    assert upstream.seen == []
+
+
+def test_the_aiohttp_internals_the_proxy_relies_on_exist():
+    import inspect
+
+    from aiohttp import web
+
+    from proxy import internals
+
+    for response_class in (web.StreamResponse, web.Response):
+        method = getattr(response_class, internals.PREPARE_HEADERS, None)
+        assert method is not None and inspect.iscoroutinefunction(method), (response_class, internals.PREPARE_HEADERS)

@@ -493,3 +493,67 @@ def test_a_host_with_an_empty_port_gives_working_links(start_proxy, upstream):
     )
     assert answer.startswith(b"HTTP/1.1 200")
     assert f"http://localhost:{proxy.port}/v2/studies/1.2.3".encode() in answer
+
+
+@pytest.fixture
+def raw_upstream():  # noqa: ANN201
+    """A loopback HTTP server answering each path with fixed bytes: answers aiohttp's server cannot write."""
+    import socket
+    import threading
+
+    servers: list[socket.socket] = []
+
+    def start(answers: dict[str, bytes]) -> str:
+        server = socket.socket()
+        server.bind(("127.0.0.1", 0))
+        server.listen()
+        servers.append(server)
+
+        def serve() -> None:
+            while True:
+                try:
+                    connection, _ = server.accept()
+                except OSError:
+                    return
+                with connection:
+                    request = connection.recv(65536)
+                    path = request.split(b" ")[1].decode() if b" " in request else ""
+                    connection.sendall(answers.get(path, b"HTTP/1.1 404 Not Found\r\nContent-Length: 0\r\n\r\n"))
+
+        threading.Thread(target=serve, daemon=True).start()
+        return f"http://127.0.0.1:{server.getsockname()[1]}"
+
+    yield start
+    for server in servers:
+        server.close()
+
+
+def test_an_answer_without_a_content_type_passes_without_one(start_proxy, raw_upstream):
+    # aiohttp would label it application/octet-stream; the README promises the answer as the service sent it.
+    url = raw_upstream(
+        {
+            "/whole": b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\nConnection: close\r\n\r\nhello",
+            "/streamed": b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n0\r\n\r\n",
+        }
+    )
+    proxy = start_proxy(upstream_url=url)
+    for path in ("/whole", "/streamed"):
+        request = f"GET {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n"
+        answer = raw_exchange(proxy.port, request.encode())
+        head, _, body = answer.partition(b"\r\n\r\n")
+        assert head.startswith(b"HTTP/1.1 200"), answer
+        assert b"hello" in body
+        assert b"content-type" not in head.lower(), head
+
+
+@pytest.mark.parametrize("framing", ["", "?chunked"])
+def test_an_answer_cut_mid_body_is_logged_with_the_bytes_sent(start_proxy, upstream, framing):
+    proxy = start_proxy()
+    path = f"/reset/{8 * MiB}"
+    received = raw_exchange(proxy.port, f"GET {path}{framing} HTTP/1.1\r\nHost: localhost\r\n\r\n".encode())
+    assert received.startswith(b"HTTP/1.1 200") and len(received) > MiB
+    line = wait_for(
+        lambda: next((line for line in proxy.output().splitlines() if f'"GET {path}"' in line), None),
+        what="the access line of the cut answer",
+    )
+    assert f'"GET {path}" 200 {len(received)} ' in line, line
