@@ -84,6 +84,7 @@ class TokenSource:
         refresh_margin: float = 300.0,
         expiry_margin: float = 30.0,
         min_refresh_interval: float = 10.0,
+        min_retry_interval: float = 5.0,
         max_backoff: float = 60.0,
         clock: Callable[[], float] = time.time,
         sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
@@ -96,6 +97,7 @@ class TokenSource:
         self._key: CacheKey = (credential_name, scope, tenant)
         self._refresh_margin = refresh_margin
         self._min_refresh_interval = min_refresh_interval
+        self._min_retry_interval = min_retry_interval
         self._max_backoff = max_backoff
         self._clock = clock
         self._sleep = sleep
@@ -111,6 +113,7 @@ class TokenSource:
         self._last_error: TokenUnavailable | None = None
         self._failures = 0
         self._retry_at = 0.0
+        self._ended_at = -math.inf  # when the last acquisition ended, whatever its result
         self._refresher: asyncio.Task[None] | None = None
         self._serial = 0
         # Refusals by the service (401) since it last accepted a token: the serial of the last token
@@ -136,14 +139,31 @@ class TokenSource:
         return self._refusal
 
     async def get(self) -> str:
-        """A valid token; raises TokenUnavailable when the credential cannot give one."""
+        """A valid token; raises TokenUnavailable when the credential cannot give one.
+
+        Callers wait only for a first try (at start-up, or after a refusal dropped the token). Once a try
+        has failed nobody waits on `az` again: the caller gets the error at once, with `retry_after`, and
+        may start the next try in the background when the last one ended `min_retry_interval` ago, so that
+        an `az login` is picked up within seconds of the next request, however long the backoff has grown.
+        """
         token = self._cache.get(self._key)
         if token is not None:
             return token.value
-        if self._inflight is None and self._last_error is not None and self._clock() < self._retry_at:
-            # Within the backoff window: answer at once instead of running `az` for every request.
-            raise self._last_error
-        return (await self._acquire()).value
+        error = self._last_error
+        if error is None:
+            try:
+                return (await self._acquire()).value
+            except TokenUnavailable as failed:
+                error = failed
+        elif self._inflight is None and self._clock() >= self._ended_at + self._min_retry_interval:
+            self._inflight_started()
+        raise TokenUnavailable(error.detail, hint=error.hint, retry_after=self._retry_after()) from None
+
+    def _retry_after(self) -> int:
+        """Whole seconds until a request may start the next try (1 while one is under way)."""
+        if self._inflight is not None and not self._inflight.done():
+            return 1
+        return max(1, math.ceil(max(0.0, self._ended_at + self._min_retry_interval - self._clock())))
 
     def refused(self, value: str, reason: str = "") -> bool:
         """The service answered 401 to `value`: whether a request should be retried with a fresh token.
@@ -199,11 +219,14 @@ class TokenSource:
         self._refresher = self._inflight = None
 
     async def _acquire(self) -> Token:
-        if self._inflight is None:
-            self._inflight = asyncio.ensure_future(self._fetch())
-            self._inflight.add_done_callback(self._forget_inflight)
         # shield: a caller that goes away (client disconnect) must not cancel the shared acquisition.
-        return await asyncio.shield(self._inflight)
+        return await asyncio.shield(self._inflight or self._inflight_started())
+
+    def _inflight_started(self) -> asyncio.Future[Token]:
+        """Start the one shared acquisition; its result reaches whoever awaits it, and the cache."""
+        self._inflight = inflight = asyncio.ensure_future(self._fetch())
+        inflight.add_done_callback(self._forget_inflight)
+        return inflight
 
     def _forget_inflight(self, future: asyncio.Future[Token]) -> None:
         if self._inflight is future:
@@ -212,6 +235,12 @@ class TokenSource:
             future.exception()  # mark retrieved: failures are reported through callers and the log
 
     async def _fetch(self) -> Token:
+        try:
+            return await self._try_credential()
+        finally:
+            self._ended_at = self._clock()
+
+    async def _try_credential(self) -> Token:
         started = self._clock()
         options: TokenRequestOptions = {"tenant_id": self._tenant} if self._tenant else {}
         try:
@@ -253,7 +282,8 @@ class TokenSource:
     def _failed(self, reason: str, started: float, hint: str | None = None) -> TokenUnavailable:
         self._report("error", self._clock() - started)
         self._failures += 1
-        delay = min(self._max_backoff, 2.0 ** (self._failures - 1))
+        # 1 s doubling to `max_backoff`, but never sooner than `min_retry_interval`: az at most once per 5 s.
+        delay = max(self._min_retry_interval, min(self._max_backoff, 2.0 ** (self._failures - 1)))
         self._retry_at = self._clock() + delay
         error = TokenUnavailable(f"no token from the {self._credential_name} credential: {reason}", hint=hint)
         self._last_error = error
@@ -262,9 +292,10 @@ class TokenSource:
 
     async def _refresh_forever(self) -> None:
         while True:
-            token = self._cache.get(self._key)
-            wake_at = max(token.refresh_at if token else 0.0, self._retry_at)
+            wake_at = self._next_try_at()
             await self._sleep(max(0.0, wake_at - self._clock()))
+            if self._inflight is None and self._clock() < self._next_try_at():
+                continue  # a request started a try meanwhile, which moved the schedule
             try:
                 await self._acquire()
             except TokenUnavailable:
@@ -272,6 +303,15 @@ class TokenSource:
             except Exception:  # noqa: BLE001 - a refresher that dies leaves the proxy without tokens
                 logger.exception("the token refresher failed; retrying in %.0fs", self._max_backoff)
                 self._retry_at = self._clock() + self._max_backoff
+
+    def _next_try_at(self) -> float:
+        """When the refresher tries next: before the token expires, and not before the backoff ends
+        (which a try started by a request may have moved)."""
+        wake_at = self._retry_at
+        token = self._cache.get(self._key)
+        if token is not None:
+            wake_at = max(wake_at, token.refresh_at)
+        return wake_at
 
 
 def first_line(message: str) -> str:
