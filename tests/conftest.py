@@ -20,6 +20,26 @@ import trustme
 from .upstream import Upstream
 
 HERE = Path(__file__).parent
+# CI installs every Debian tool the suite can use and sets this: there, a test skipped for a missing tool (or
+# for not being root) fails instead, so nothing is silently left unproven.
+REQUIRE_ALL = os.environ.get("DICOM_PROXY_TEST_REQUIRE_ALL") == "1"
+
+
+def needs(available: object, reason: str) -> None:
+    """Skip the test unless `available`; `reason` names the Debian package to install (or root)."""
+    if not available:
+        pytest.skip(reason)
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]):  # noqa: ANN201
+    """Under DICOM_PROXY_TEST_REQUIRE_ALL=1, every skip (ours or a plugin's) is a failure."""
+    report = yield
+    if REQUIRE_ALL and report.skipped:
+        reason = report.longrepr[2] if isinstance(report.longrepr, tuple) else str(report.longrepr)
+        report.outcome = "failed"
+        report.longrepr = f"skipped, but DICOM_PROXY_TEST_REQUIRE_ALL=1 forbids skips: {reason}"
+    return report
 
 
 def free_port() -> int:
@@ -241,5 +261,5 @@ def start_proxy(tmp_path: Path, proxy_env: dict[str, str], upstream: Upstream, c
 @pytest.fixture
 def curl() -> str:
     path = shutil.which("curl")
-    assert path, "curl is required by the tests (.ci/run installs it)"
-    return path
+    needs(path, "curl is not installed (apt-get install -y curl)")
+    return str(path)

@@ -13,13 +13,15 @@ import shutil
 import subprocess
 from collections.abc import Sequence
 
+from .conftest import needs
+
 DCMTK = "/usr/bin"  # pynetdicom installs Python apps of the same names (echoscu, ...) into the venv
 
 
 def dcmtk(name: str) -> str:
     """The path of one of Debian's dcmtk programs, never pynetdicom's look-alike on PATH."""
     path = os.path.join(DCMTK, name)
-    assert os.access(path, os.X_OK), f"dcmtk's {name} is needed: apt-get install -y dcmtk (.ci/run does)"
+    needs(os.access(path, os.X_OK), f"dcmtk's {name} is not installed (apt-get install -y dcmtk)")
     return path
 
 
@@ -27,8 +29,8 @@ class Namespace:
     """One network namespace; `delete()` removes it (kill what runs inside first)."""
 
     def __init__(self) -> None:
-        assert os.geteuid() == 0, "the DIMSE tests make a network namespace, which needs root (.ci/run runs as root)"
-        assert shutil.which("ip"), "ip (iproute2) is needed for the network namespace"
+        needs(os.geteuid() == 0, "needs root for a private network namespace (ip netns add)")
+        needs(shutil.which("ip"), "ip is not installed (apt-get install -y iproute2)")
         self.name = f"dap-test-{os.getpid()}-{secrets.token_hex(3)}"
         subprocess.run(["ip", "netns", "add", self.name], check=True)
         self.prefix = ["ip", "netns", "exec", self.name]

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import requests
 
-from .conftest import end_process, wait_for
+from .conftest import end_process, needs, wait_for
 
 ORTHANC_PLUGIN = "/usr/share/orthanc/plugins/libOrthancDicomWeb.so"
 
@@ -43,8 +43,9 @@ class Orthanc:
     ) -> None:
         """`refuse_uploads_over`: bytes above which an upload is refused (403), so that one instance can fail."""
         executable = shutil.which("Orthanc") or "/usr/sbin/Orthanc"
-        assert Path(executable).exists() and Path(ORTHANC_PLUGIN).exists(), (
-            "Orthanc and its DICOMweb plugin are needed: apt-get install -y orthanc orthanc-dicomweb (.ci/run does)"
+        needs(
+            Path(executable).exists() and Path(ORTHANC_PLUGIN).exists(),
+            "Orthanc and its DICOMweb plugin are not installed (apt-get install -y orthanc orthanc-dicomweb)",
         )
         self.home = home
         self.url = f"http://127.0.0.1:{port}"

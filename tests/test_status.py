@@ -15,7 +15,7 @@ import requests
 
 from proxy.status import format_bytes, format_duration, format_expires_in
 
-from .conftest import raw_exchange, wait_for
+from .conftest import needs, raw_exchange, wait_for
 
 KEY = "k3y-for-the-status-tests-0123456789"
 WITH_KEY = {"X-Dicom-Proxy-Key": KEY}
@@ -293,12 +293,11 @@ def test_the_client_settings_carry_this_proxys_base_url(start_proxy, upstream):
 
 def _webdriver(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, *, javascript: bool = True):  # noqa: ANN202
     missing = [str(path) for path in (CHROMIUM, CHROMEDRIVER) if not path.is_file()]
-    if missing:
-        pytest.fail(
-            f"{' and '.join(missing)} not found: the browser tests need Debian's chromium and chromium-driver "
-            "(.ci/run installs them; by hand: apt-get install chromium chromium-driver)",
-            pytrace=False,
-        )
+    needs(
+        not missing,
+        f"{' and '.join(missing)} not found: the browser tests need Debian's chromium and chromium-driver "
+        "(apt-get install -y chromium chromium-driver)",
+    )
     try:
         from selenium import webdriver
         from selenium.webdriver.chrome.service import Service
