@@ -58,7 +58,7 @@ def _add_options(command: argparse.ArgumentParser) -> None:
                 dest=option.name,
                 metavar=option.metavar,
                 choices=option.choices or None,
-                type={"float": float, "int": int}.get(option.kind, str),
+                # Numbers stay text here: settings parses flags, variables and the file with one number parser.
                 help=help_text,
             )
 

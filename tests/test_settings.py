@@ -107,7 +107,7 @@ def test_the_access_key_is_kept_out_of_the_settings_repr(tmp_path):
         (["--upstream", "https://ws.example"], {"DICOM_PROXY_ACCESS_KEY": "short"}, "shorter than 16"),
         (["--upstream", "https://ws.example"], {"HTTPS_PROXY": "socks5://p:1080"}, "HTTPS_PROXY"),
         (["--config", "/nonexistent.toml"], {}, "--config: cannot read /nonexistent.toml"),
-        (["--upstream", "https://ws.example", "--workers", "0"], {}, "--workers: expected 1 to 64, got 0"),
+        (["--upstream", "https://ws.example", "--workers", "0"], {}, "--workers: expected 1 to 64, got '0'"),
         (["--upstream", "https://ws.example"], {"DICOM_PROXY_WORKERS": "two"}, "--workers: expected a whole number"),
         (
             ["--upstream", "https://ws.example", "--dimse-listen", "0.0.0.0:11112"],
@@ -197,10 +197,10 @@ def test_python_dash_m_and_the_console_script_agree():
 @pytest.mark.parametrize(
     ("argv", "message"),
     [
-        (["--read-timeout", "nan"], "--read-timeout: must be more than 0, got nan"),
-        (["--connect-timeout", "nan"], "--connect-timeout: must be more than 0"),
-        (["--shutdown-grace", "inf"], "--shutdown-grace: must be more than 0"),
-        (["--rewrite-limit", "nan"], "--rewrite-limit: must be more than 0"),
+        (["--read-timeout", "nan"], "--read-timeout: expected a number, got 'nan'"),
+        (["--connect-timeout", "nan"], "--connect-timeout: expected a number"),
+        (["--shutdown-grace", "inf"], "--shutdown-grace: expected a number"),
+        (["--rewrite-limit", "nan"], "--rewrite-limit: expected a number"),
     ],
 )
 def test_numbers_that_are_not_finite_are_refused_in_one_line(argv, message, capsys):
@@ -215,7 +215,6 @@ def test_numbers_that_are_not_finite_are_refused_in_one_line(argv, message, caps
     [
         (["--credential", "foo"], "argument --credential: invalid choice: 'foo'"),
         (["--log-format", "xml"], "argument --log-format: invalid choice: 'xml'"),
-        (["--workers", "abc"], "argument --workers: invalid int value: 'abc'"),
         (["--no-such-flag"], "unrecognized arguments: --no-such-flag"),
     ],
 )
