@@ -11,7 +11,7 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -179,6 +179,30 @@ class ProxyProcess:
         end_process(self.process)
         self._log.close()
         return self.process.returncode
+
+
+@contextlib.asynccontextmanager
+async def in_process_proxy(upstream: Upstream, ca_bundle: Path, **settings: object) -> AsyncIterator[str]:
+    """The real handler on a real socket in this process (for tests that watch a library call); yields its URL.
+
+    The credential is the real one that Settings name (with `az` from PATH)."""
+    from aiohttp import web
+    from yarl import URL
+
+    from proxy.app import Proxy, build_server
+    from proxy.settings import Settings
+
+    proxy = Proxy(Settings(upstream=URL(upstream.url), ca_bundle=ca_bundle, **settings))  # type: ignore[arg-type]
+    await proxy.start()
+    runner = web.ServerRunner(build_server(proxy))
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    try:
+        yield f"http://127.0.0.1:{runner.addresses[0][1]}"
+    finally:
+        await runner.cleanup()
+        await proxy.close()
 
 
 @pytest.fixture(scope="session")

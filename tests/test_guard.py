@@ -10,7 +10,7 @@ import requests
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from .conftest import ProxyProcess, free_port, raw_exchange
+from .conftest import ProxyProcess, free_port, in_process_proxy, raw_exchange
 
 KEY = "k3y-for-the-tests-0123456789"
 
@@ -287,7 +287,8 @@ def test_nothing_outside_the_policy_reaches_the_upstream(
         assert seen.header_names().isdisjoint({"cookie", "proxy-authorization", "forwarded", "x-dicom-proxy-key"})
         assert seen.header("X-Forwarded-For") == "127.0.0.1"
     if allowed and not (origin == VIEWER and method == "OPTIONS"):
-        assert status_line(answer) != b"HTTP/1.1 403 Forbidden"
+        # Inside the policy: forwarded, exactly once (a guard that refused everything would fail here).
+        assert len(reached) == 1, (method, path, host, origin, status_line(answer))
 
 
 @pytest.fixture
@@ -404,6 +405,39 @@ def test_probes_answer_loopback_names_and_addresses_but_no_other_dns_name(start_
         else:
             assert response.status_code == 421
             assert response.json()["error"] == "host_not_allowed"
+
+
+def test_only_the_probes_answer_an_ip_address_host(start_proxy, upstream):
+    proxy = start_proxy()
+    for path in ("/-/", "/-/status.json", "/-/metrics", "/-/nothing", "/echo/v2/studies"):
+        response = requests.get(f"{proxy.url}{path}", headers={"Host": "10.1.2.3:8080"}, timeout=10)
+        assert response.status_code == 421, path
+        assert response.json()["error"] == "host_not_allowed"
+    assert upstream.seen == []
+
+
+async def test_the_access_key_is_compared_in_constant_time(az, upstream, ca_bundle, monkeypatch):
+    """Answers alone cannot tell `==` from hmac.compare_digest, so the comparison itself is watched."""
+    import hmac
+
+    import aiohttp
+
+    compared: list[tuple[bytes, bytes]] = []
+    real_compare_digest = hmac.compare_digest
+
+    def spy(presented: bytes, key: bytes) -> bool:
+        compared.append((presented, key))
+        return real_compare_digest(presented, key)
+
+    monkeypatch.setattr(hmac, "compare_digest", spy)
+    monkeypatch.setenv("PATH", f"{az.directory}:{__import__('os').environ['PATH']}")
+    wrong = KEY[:-1] + "x"
+    async with in_process_proxy(upstream, ca_bundle, access_key=KEY) as url, aiohttp.ClientSession() as client:
+        async with client.get(f"{url}/echo/x", headers={"X-Dicom-Proxy-Key": wrong}) as response:
+            assert response.status == 401
+        async with client.get(f"{url}/echo/x", headers={"X-Dicom-Proxy-Key": KEY}) as response:
+            assert response.status == 200
+    assert compared == [(wrong.encode(), KEY.encode()), (KEY.encode(), KEY.encode())]
 
 
 def test_a_non_utf8_access_key_is_a_wrong_key(start_proxy, upstream, key_file):
