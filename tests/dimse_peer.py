@@ -4,10 +4,12 @@ as `python -m tests.dimse_peer COMMAND ...`, it prints one JSON object.
   store-concurrently PORT N FILE...   N associations at once, each storing every FILE; their statuses
   cancel-get PORT STUDY               C-GET of a study, C-CANCEL after the first pending response
   cancel-move PORT STUDY DESTINATION  the same with C-MOVE
+  forbidding-service PORT             an HTTP service that answers 403 to everything (runs until killed)
 """
 
 from __future__ import annotations
 
+import http.server
 import json
 import sys
 import threading
@@ -110,8 +112,28 @@ def cancel_move(port: int, study: str, destination: str) -> dict[str, Any]:
     )
 
 
+class _Forbidding(http.server.BaseHTTPRequestHandler):
+    """A DICOM service that refuses every request with 403, as one does for a study the caller may not read."""
+
+    def do_GET(self) -> None:
+        body = b'{"error": "forbidden"}'
+        self.send_response(403)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    do_POST = do_GET
+
+    def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 - the base class's name
+        pass
+
+
 def main(argv: list[str]) -> int:
     command, port = argv[0], int(argv[1])
+    if command == "forbidding-service":
+        http.server.ThreadingHTTPServer(("127.0.0.1", port), _Forbidding).serve_forever()
+        return 0
     if command == "store-concurrently":
         result = store_concurrently(port, int(argv[2]), argv[3:])
     elif command == "cancel-get":

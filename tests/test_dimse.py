@@ -28,7 +28,7 @@ from .netns import Namespace, dcmtk
 from .orthanc import ORTHANC_TOKEN, Orthanc
 
 TEST_FILES = Path(pydicom.data.__file__).parent / "test_files"
-ORTHANC_PORT, DESTINATION_PORT = 8042, 11113
+ORTHANC_PORT, DESTINATION_PORT, FORBIDDING_PORT = 8042, 11113, 8043
 # What storescu must propose to send each file as it is (it sends one compressed family per run).
 # Local files only: asking pydicom for one it does not ship would try to download it.
 STORED = {
@@ -105,6 +105,12 @@ class World:
         wait_for(lambda: self.namespace.listening(port + 1000), 20, 0.1, "the DIMSE gateway to listen")
         proxy.dimse_port = port + 1000  # type: ignore[attr-defined]
         return proxy
+
+    def background(self, *command: str) -> None:
+        """A process inside the namespace for the rest of the module, ended by `close()`."""
+        self._processes.append(
+            subprocess.Popen([*self.namespace.prefix, *command], cwd=HERE.parent, stdout=subprocess.DEVNULL)
+        )
 
     def tool(self, name: str, *arguments: str, cwd: Path | None = None, timeout: float = 120) -> str:
         """A dcmtk tool run inside the namespace: everything it printed."""
@@ -233,8 +239,11 @@ def test_findscu_at_each_level_finds_what_qido_finds_with_the_keys_asked_for(wor
     assert len(studies) == 4
     wanted = {"StudyInstanceUID", "StudyDate", "StudyTime", "PatientName", "PatientID", "ModalitiesInStudy"}
     wanted |= {"NumberOfStudyRelatedInstances", "AccessionNumber", "QueryRetrieveLevel", "SpecificCharacterSet"}
+    # Retrieve AE Title in every answer, asked for or not (PS3.4 C.4.1.1.3.2), as native archives send it.
+    wanted |= {"RetrieveAETitle"}
     for answer in studies:
         assert {element.keyword for element in answer} == wanted
+        assert answer.RetrieveAETitle == "DICOMPROXY"
         vrs = {element.keyword: element.VR for element in answer}
         assert (vrs["PatientName"], vrs["StudyDate"], vrs["StudyTime"]) == ("PN", "DA", "TM")
         assert (vrs["StudyInstanceUID"], vrs["NumberOfStudyRelatedInstances"]) == ("UI", "IS")
@@ -260,6 +269,7 @@ def test_findscu_at_each_level_finds_what_qido_finds_with_the_keys_asked_for(wor
     assert [(answer.SOPInstanceUID, answer.InstanceNumber) for answer in images] == [
         (ct.SOPInstanceUID, ct.InstanceNumber)
     ]
+    assert all(answer.RetrieveAETitle == "DICOMPROXY" for answer in (*series, *images))
     output, nothing = find(world, gateway, tmp_path / "none", "QueryRetrieveLevel=STUDY", "PatientName=Nobody*")
     assert nothing == [] and "Received Final Find Response (Success)" in output
     output, _bad = find(world, gateway, tmp_path / "bad", "QueryRetrieveLevel=WARD", "PatientName")
@@ -301,6 +311,13 @@ def test_getscu_brings_instances_back_byte_identical_in_their_stored_transfer_sy
     )  # fmt: skip
     assert "Number of Failed Suboperations    : 2" in output, output
     assert list((tmp_path / "refused").iterdir()) == []
+    # dcmtk's getscu releases cleanly after a retrieve with failures (the final answer is the one it expects).
+    assert "Association Release Failed" not in output and "Releasing Association" in output, output
+    # Decided before sending: one gateway line says why, and pynetdicom never tries (nor logs) those sends.
+    log = gateway.output()
+    assert re.search(r"C-GET from TESTSCU: 2 not sent: the requester accepts no JPEG", log), log[-3000:]
+    assert "Unable to determine the presentation context" not in log
+    assert "C-STORE sub-operation failed" not in log
 
 
 def test_movescu_sends_every_instance_on_one_association_with_pending_counts(world, gateway, stored):
@@ -374,7 +391,22 @@ def test_logged_out_or_service_down_fails_every_operation_quickly_and_keeps_serv
             assert "Received C-GET Response (Success)" not in outputs["get"], outputs["get"]
             assert "Received Final Move Response (Success)" not in outputs["move"], outputs["move"]
         log = proxy.output()
-        assert hint in log and "0xA700" in log
+        assert hint in log
+        # The statuses PS3.4 defines for each service, which dcmtk and pynetdicom know by name.
+        statuses = dict(re.findall(r" TESTSCU (C-\w+) \S+ count=\d+ status=(\S+)", log))
+        assert statuses == {
+            "C-ECHO": "0x0110",
+            "C-STORE": "0xA700",
+            "C-FIND": "0xA700",
+            "C-GET": "0xA701",
+            "C-MOVE": "0xA701",
+        }, statuses
+        # echoscu names no failure status at all (it prints 0x0110, a general status of PS3.7 C.5, as unknown);
+        # the others name every status their service defines.
+        assert "Received Echo Response (Unknown Status: 0x110)" in outputs["echo"], outputs["echo"]
+        unknown = [line for name, output in outputs.items() if name != "echo" for line in output.splitlines()]
+        assert not [line for line in unknown if "Unknown Status" in line], outputs
+        assert "Unknown status" not in log
     logged_out.stop_leftovers()
 
 
@@ -387,6 +419,11 @@ def test_read_only_refuses_store_and_the_association_policy_holds(world, tmp_pat
     for calling in ("STRANGER", "ELSEWHERE"):  # not listed; listed, but only from another address
         refused = world.tool("echoscu", "-v", *scu(proxy, calling, "ARCHIVE"))
         assert "Calling AE Title Not Recognized" in refused, refused
+    # A title no AE may have (a backslash) is rejected the same way, with one line and no traceback.
+    malformed = world.tool("echoscu", "-v", *scu(proxy, "A\\B^C", "ARCHIVE"))
+    assert "Calling AE Title Not Recognized" in malformed, malformed
+    log = proxy.output()
+    assert "Traceback" not in log and len(re.findall(r"calling AE A\\B\^C.* rejected", log)) == 1, log
     output = world.tool("storescu", "-v", *scu(proxy, "MODALITY", "ARCHIVE"), str(TEST_FILES / "CT_small.dcm"))
     assert store_statuses(output) == [REFUSED], output
     assert "--read-only" in proxy.output()
@@ -510,3 +547,64 @@ def test_an_instance_cut_off_mid_transfer_leaves_no_copy_behind(world, tmp_path)
     # The partial copy holds patient data: it must not outlive the association.
     wait_for(lambda: not any(temporary.iterdir()), timeout=20, what="the partial copy to be deleted")
     assert "partial copy was deleted" in proxy.output()
+
+
+def test_the_gateway_log_carries_no_identifier_value_and_no_uid(world, tmp_path):
+    """A name where the level goes, and a study the service refuses (403): the log says what happened (the
+    operation, its level, the statuses) and never the name or the UID."""
+    world.background(sys.executable, "-m", "tests.dimse_peer", "forbidding-service", str(FORBIDDING_PORT))
+    wait_for(lambda: world.namespace.listening(FORBIDDING_PORT), 20, 0.1, "the forbidding service to listen")
+    proxy = world.proxy(
+        "--move-destination", f"MOVEDEST=127.0.0.1:{DESTINATION_PORT}",
+        upstream=f"http://127.0.0.1:{FORBIDDING_PORT}/dicom-web",
+    )  # fmt: skip
+    study = "1.2.840.99.1.777"
+    output, _answers = find(world, proxy, tmp_path / "name", "QueryRetrieveLevel=DOE^JANE", "PatientName")
+    assert "Received Final Find Response (Error: DataSetDoesNotMatchSOPClass)" in output, output
+    output, _answers = find(
+        world, proxy, tmp_path / "series", "QueryRetrieveLevel=SERIES", f"StudyInstanceUID={study}", "Modality"
+    )
+    assert "0x124" in output, output
+    retrieve = ["-k", "QueryRetrieveLevel=STUDY", "-k", f"StudyInstanceUID={study}", *scu(proxy)]
+    world.tool("getscu", "-v", "-S", "-od", str(tmp_path), *retrieve)
+    world.tool("movescu", "-v", "-S", "-aem", "MOVEDEST", *retrieve)
+    log = proxy.output()
+    statuses = re.findall(r" TESTSCU (C-\w+) (\S+) count=\d+ status=(\S+)", log)
+    assert statuses == [
+        ("C-FIND", "-", "0xA900"),
+        ("C-FIND", "SERIES", "0x0124"),
+        ("C-GET", "STUDY", "0x0124"),
+        ("C-MOVE", "STUDY", "0x0124"),
+    ], statuses
+    assert "403" in log, log
+    for secret in ("DOE", "JANE", study, "99.1.777"):
+        assert secret not in log, log
+
+
+def test_a_retrieve_that_matches_nothing_or_cannot_be_read_is_logged_as_what_the_peer_was_told(
+    world, gateway, tmp_path
+):
+    """An empty C-MOVE is a success, not a failed destination; an empty or refused C-GET is not 'aborted'."""
+
+    def aborted() -> float:
+        metrics = world.http(f"{gateway.url}/-/metrics")
+        counts = re.findall(
+            r'dicom_proxy_dimse_operations_total\{operation="C-(?:GET|MOVE)",status="aborted"\} (\S+)', metrics
+        )
+        return sum(float(count) for count in counts)
+
+    before_log, before_aborted = len(gateway.output()), aborted()
+    nothing = ["-k", "QueryRetrieveLevel=STUDY", "-k", "StudyInstanceUID=1.2.840.99.2.1", *scu(gateway)]
+    move = world.tool("movescu", "-v", "-S", "-aem", "MOVEDEST", *nothing)
+    assert "Received Final Move Response (Success)" in move, move
+    get = world.tool("getscu", "-v", "-S", "-od", str(tmp_path), *nothing)
+    assert "Received C-GET Response (Success)" in get, get
+    bad = ["-k", "QueryRetrieveLevel=WARD", "-k", "StudyInstanceUID=1.2.840.99.2.1", *scu(gateway)]
+    get = world.tool("getscu", "-v", "-S", "-od", str(tmp_path), *bad)
+    assert "Received C-GET Response (Error: DataSetDoesNotMatchSOPClass)" in get, get  # 0xA900
+    assert "Association Release Failed" not in get, get
+    log = gateway.output()[before_log:]
+    statuses = re.findall(r" TESTSCU (C-MOVE|C-GET) \S+ count=\d+ status=(\S+)", log)
+    assert statuses == [("C-MOVE", "0x0000"), ("C-GET", "0x0000"), ("C-GET", "0xA900")], log
+    assert "0xA801" not in log and "could not open an association" not in log, log
+    assert aborted() == before_aborted

@@ -2,9 +2,14 @@
 
 mapping.py   identifiers <-> QIDO-RS parameters, DICOM JSON -> datasets (pure)
 client.py    the one DICOMweb client, on the proxy's loop, with its TokenSource and upstream session
-status.py    DIMSE status codes and the Failure they travel in
+status.py    DIMSE status codes, per service, and the Failure they travel in
+report.py    what a gateway log line may carry (the one rule), the access line and the metrics
+bridge.py    from pynetdicom's threads to the loop
+retrieve.py  the one retrieve pipeline (list, fetch, hand over) with its C-GET and C-MOVE sinks
 services.py  the pynetdicom event handlers, one per operation
-gateway.py   the AE, its association policy, the bridge from pynetdicom's threads to the loop
+wire.py      final C-GET responses in one PDU, as native archives send them
+syntaxes.py  the SOP classes and transfer syntaxes the gateway names
+gateway.py   the AE, its association policy; builds the services and hands them what they need
 """
 
 from __future__ import annotations

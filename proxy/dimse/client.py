@@ -67,7 +67,9 @@ class DicomWebClient:
 
     async def ping(self) -> None:
         """One cheap authorised search: raises Failure unless a token is held and the service accepts it."""
-        async with await self._request("GET", self.url("studies").with_query(limit="1"), {"Accept": _DICOM_JSON}):
+        async with await self._request(
+            "GET", self.url("studies").with_query(limit="1"), "search", {"Accept": _DICOM_JSON}
+        ):
             pass
 
     async def qido(self, path: str, params: tuple[tuple[str, str], ...]) -> AsyncIterator[list[dict[str, Any]]]:
@@ -80,7 +82,7 @@ class DicomWebClient:
         while True:
             query = [*params, ("limit", str(self._page_size)), ("offset", str(offset))]
             url = self.url(path).with_query(query)
-            async with await self._request("GET", url, {"Accept": _DICOM_JSON}) as response:
+            async with await self._request("GET", url, "search", {"Accept": _DICOM_JSON}) as response:
                 if response.status == 204:
                     return
                 page = await self._json(response)
@@ -95,7 +97,7 @@ class DicomWebClient:
 
     async def retrieve(self, path: str, directory: Path) -> AsyncIterator[Path]:
         """WADO-RS `path` as files in `directory`, one per part, each yielded once written whole."""
-        response = await self._request("GET", self.url(path), {"Accept": _RETRIEVE_ACCEPT})
+        response = await self._request("GET", self.url(path), "retrieve", {"Accept": _RETRIEVE_ACCEPT})
         try:
             if response.status == 204 or response.status == 404:
                 return
@@ -135,7 +137,7 @@ class DicomWebClient:
             "Content-Type": f'multipart/related; type="application/dicom"; boundary={boundary}',
             "Content-Length": str(size),
         }
-        async with await self._request("POST", self.url("studies"), headers, body) as response:
+        async with await self._request("POST", self.url("studies"), "store", headers, body) as response:
             if response.status in (200, 202, 409) or response.status == 400:
                 try:
                     answer = await self._json(response)
@@ -145,8 +147,13 @@ class DicomWebClient:
             self._check(response, "store")
             return SUCCESS
 
-    async def _request(self, method: str, url: URL, headers: dict[str, str], body: Body | None = None) -> Any:
-        """One authorised request: a 401 refreshes the token and sends once more (the body can be re-read)."""
+    async def _request(
+        self, method: str, url: URL, what: str, headers: dict[str, str], body: Body | None = None
+    ) -> Any:
+        """One authorised request: a 401 refreshes the token and sends once more (the body can be re-read).
+
+        `what` names the request in failures ("a search"): its URL holds UIDs, which no message may carry.
+        """
 
         async def send(token: str) -> aiohttp.ClientResponse:
             try:
@@ -173,7 +180,7 @@ class DicomWebClient:
             refusal = self._tokens.refusal
             raise Failure(
                 REFUSED_NOT_AUTHORIZED,
-                refusal.detail if refusal else f"the DICOM service answered {response.status} to {method} {url.path}",
+                refusal.detail if refusal else f"the DICOM service answered {response.status} to a {what}",
                 refusal.hint if refusal else _REFUSED_HINT,
             )
         return response

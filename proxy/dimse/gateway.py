@@ -9,17 +9,12 @@ HTTP side and the gateway share one TokenSource and one upstream session.
 from __future__ import annotations
 
 import asyncio
-import concurrent.futures
 import contextlib
 import ipaddress
 import logging
-import time
-from collections.abc import AsyncIterator, Coroutine, Iterator
-from dataclasses import dataclass, field
 from pathlib import Path, PurePath
-from typing import Any, TypeVar
+from typing import Any
 
-from pydicom.uid import UID
 from pynetdicom import AE, _config, evt
 from pynetdicom.events import Event
 from pynetdicom.presentation import AllStoragePresentationContexts
@@ -27,73 +22,35 @@ from pynetdicom.presentation import AllStoragePresentationContexts
 from ..errors import ConfigurationError, loggable
 from ..metrics import Metrics
 from ..settings import Settings, is_loopback
+from .bridge import LoopBridge
 from .client import DicomWebClient
-from .services import TRANSFER_SYNTAXES, UNCOMPRESSED, VERIFICATION, Services
-from .status import OUT_OF_RESOURCES, Failure
+from .report import Report
+from .services import Services
+from .syntaxes import QUERY_RETRIEVE, TRANSFER_SYNTAXES, UNCOMPRESSED, VERIFICATION
+from .wire import pack_final_get_responses
 
 logger = logging.getLogger("proxy.dimse")
 
-T = TypeVar("T")
-
-# Study Root and Patient Root Query/Retrieve: FIND, MOVE and GET (PS3.4 C.6).
-QUERY_RETRIEVE = tuple(UID(f"1.2.840.10008.5.1.4.1.2.{root}.{operation}") for root in (2, 1) for operation in (1, 2, 3))
 # Associations served at once; each costs two threads.
 MAXIMUM_ASSOCIATIONS = 64
 # A-ASSOCIATE-RJ diagnostics (PS3.8 9.3.4): rejected-permanent, by the service user.
 _CALLING_AE_NOT_RECOGNIZED = 0x03
 _CALLED_AE_NOT_RECOGNIZED = 0x07
+# What an AE title may hold (PS3.5 6.2, AE): no backslash, no control character.
+_AE_FORBIDDEN = frozenset("\\") | frozenset(map(chr, range(32))) | {chr(127)}
 
 
-class LoopBridge:
-    """Runs coroutines of the proxy's event loop from pynetdicom's threads, each step bounded by `timeout`."""
+def _any_ae(value: str) -> tuple[bool, str]:
+    """pynetdicom's AE validator, for the titles it decodes from a peer's association request.
 
-    def __init__(self, loop: asyncio.AbstractEventLoop, timeout: float) -> None:
-        self._loop = loop
-        self._timeout = timeout
-
-    def run(self, coroutine: Coroutine[Any, Any, T]) -> T:
-        try:
-            future = asyncio.run_coroutine_threadsafe(coroutine, self._loop)
-        except RuntimeError:  # the loop has closed: the proxy is stopping
-            coroutine.close()
-            raise Failure(OUT_OF_RESOURCES, "the proxy is shutting down") from None
-        try:
-            return future.result(self._timeout)
-        except concurrent.futures.TimeoutError:
-            future.cancel()
-            raise Failure(OUT_OF_RESOURCES, f"the DICOM service did not answer within {self._timeout:g}s") from None
-        except concurrent.futures.CancelledError:  # cancelled by the proxy's shutdown
-            raise Failure(OUT_OF_RESOURCES, "the proxy is shutting down") from None
-
-    def iterate(self, items: AsyncIterator[T]) -> Iterator[T]:
-        """An async iterator of the loop, item by item; stopping early closes it (and its upstream answer)."""
-        end = object()
-
-        async def step() -> Any:
-            return await anext(items, end)
-
-        try:
-            while (item := self.run(step())) is not end:
-                yield item
-        finally:
-            aclose = getattr(items, "aclose", None)
-            if aclose is not None:
-                self.run(aclose())
+    pynetdicom refuses a malformed title while decoding the request, which ends in an A-ABORT and a traceback
+    in the log; accepted here, the title reaches `association_refusal`, which rejects it properly.
+    """
+    return True, ""
 
 
-@dataclass
-class Operation:
-    """One DIMSE operation as the access log and /-/metrics see it."""
-
-    calling_ae: str
-    address: str
-    name: str
-    level: str = "-"
-    count: int = 0
-    status: int = 0
-    # The peer went away (or pynetdicom stopped asking) before the operation's final status.
-    aborted: bool = False
-    started: float = field(default_factory=time.perf_counter)
+def well_formed_ae(title: str) -> bool:
+    return bool(title.strip()) and len(title) <= 16 and not any(char in _AE_FORBIDDEN for char in title)
 
 
 def association_refusal(settings: Settings, called_ae: str, calling_ae: str, address: str) -> int | None:
@@ -101,6 +58,8 @@ def association_refusal(settings: Settings, called_ae: str, calling_ae: str, add
     if called_ae.strip() != settings.dimse_aet:
         return _CALLED_AE_NOT_RECOGNIZED
     calling_ae = calling_ae.strip()
+    if not well_formed_ae(calling_ae):
+        return _CALLING_AE_NOT_RECOGNIZED
     if not settings.dimse_allow:
         return None if is_loopback(_plain_address(address)) else _CALLING_AE_NOT_RECOGNIZED
     for title, host in settings.dimse_allow:
@@ -137,6 +96,21 @@ def _prefer_stored_syntaxes_for_retrieval(event: Event) -> None:
     event.assoc.acceptor.supported_contexts = contexts
 
 
+def _application_entity(title: str) -> AE:
+    """The gateway's AE with every context it serves."""
+    ae = AE(ae_title=title)
+    ae.require_called_aet = True
+    ae.maximum_associations = MAXIMUM_ASSOCIATIONS
+    ae.add_supported_context(VERIFICATION, list(TRANSFER_SYNTAXES[:3]))
+    for sop_class in QUERY_RETRIEVE:
+        ae.add_supported_context(sop_class, list(TRANSFER_SYNTAXES[:3]))
+    for storage in AllStoragePresentationContexts:
+        # Both roles: a storescu sends to the gateway; a getscu takes the SCP role for C-GET's C-STOREs.
+        assert storage.abstract_syntax is not None
+        ae.add_supported_context(storage.abstract_syntax, list(TRANSFER_SYNTAXES), scu_role=True, scp_role=True)
+    return ae
+
+
 class Gateway:
     """The AE: `start()` listens (non-blocking), `close()` aborts associations and stops listening."""
 
@@ -145,31 +119,23 @@ class Gateway:
         self.settings = settings
         self.client = client
         self.metrics = metrics
+        self.report = Report(metrics)
         self._ae: AE | None = None
-        self.bridge: LoopBridge | None = None
 
     def start(self) -> None:
         settings = self.settings
         assert settings.dimse_listen is not None
-        self.bridge = LoopBridge(asyncio.get_running_loop(), settings.connect_timeout + settings.read_timeout)
+        bridge = LoopBridge(asyncio.get_running_loop(), settings.connect_timeout + settings.read_timeout)
         # Received instances go to a temporary file as they arrive, never whole into memory; identifiers
         # (patient names and IDs) stay out of pynetdicom's log, which is kept to warnings.
         _config.STORE_RECV_CHUNKED_DATASET = True
         _config.LOG_REQUEST_IDENTIFIERS = False
         _config.LOG_RESPONSE_IDENTIFIERS = False
         logging.getLogger("pynetdicom").setLevel(logging.WARNING)
+        _config.VALIDATORS["AE"] = _any_ae
 
-        ae = AE(ae_title=settings.dimse_aet)
-        ae.require_called_aet = True
-        ae.maximum_associations = MAXIMUM_ASSOCIATIONS
-        ae.add_supported_context(VERIFICATION, list(TRANSFER_SYNTAXES[:3]))
-        for sop_class in QUERY_RETRIEVE:
-            ae.add_supported_context(sop_class, list(TRANSFER_SYNTAXES[:3]))
-        for storage in AllStoragePresentationContexts:
-            # Both roles: a storescu sends to the gateway; a getscu takes the SCP role for C-GET's C-STOREs.
-            assert storage.abstract_syntax is not None
-            ae.add_supported_context(storage.abstract_syntax, list(TRANSFER_SYNTAXES), scu_role=True, scp_role=True)
-        services = Services(self, ae)
+        ae = _application_entity(settings.dimse_aet)
+        services = Services(settings, bridge=bridge, client=self.client, report=self.report)
         handlers: list[Any] = [
             (evt.EVT_REQUESTED, self._requested),
             (evt.EVT_C_ECHO, services.echo),
@@ -201,8 +167,7 @@ class Gateway:
             await asyncio.to_thread(self._ae.shutdown)
             self._ae = None
 
-    @staticmethod
-    def _discard_partial_store(event: Event) -> None:
+    def _discard_partial_store(self, event: Event) -> None:
         """Delete the temporary file of a C-STORE cut off mid-transfer: it holds patient data.
 
         pynetdicom deletes a received instance's file only after the C-STORE handler ran, which it never
@@ -218,7 +183,7 @@ class Gateway:
         if isinstance(path, PurePath):
             with contextlib.suppress(OSError):
                 Path(path).unlink(missing_ok=True)
-            logger.warning("an association closed while an instance arrived; its partial copy was deleted")
+            self.report.warn("an association closed while an instance arrived; its partial copy was deleted")
 
     def _requested(self, event: Event) -> None:
         """The association policy, before pynetdicom negotiates: called AE, then calling AE and address."""
@@ -231,55 +196,17 @@ class Gateway:
         if refusal is None:
             self.metrics.dimse_associations.labels(result="accepted").inc()
             _prefer_stored_syntaxes_for_retrieval(event)
+            pack_final_get_responses(event.assoc)
             return
         self.metrics.dimse_associations.labels(result="rejected").inc()
-        logger.warning(
-            "association from %s (calling AE %s, called AE %s) rejected: %s",
-            address,
-            loggable(calling.strip(), 16),
-            loggable(called.strip(), 16),
+        reason = (
             f"this gateway's AE title is {self.settings.dimse_aet} (--dimse-aet)"
             if refusal == _CALLED_AE_NOT_RECOGNIZED
-            else "the calling AE is not allowed here (--dimse-allow AET[@HOST])",
+            else "the calling AE is not allowed here (--dimse-allow AET[@HOST])"
+        )
+        self.report.warn(
+            f"association from {address} (calling AE {loggable(calling.strip(), 16)}, "
+            f"called AE {loggable(called.strip(), 16)}) rejected: {reason}"
         )
         event.assoc.acse.send_reject(0x01, 0x01, refusal)
         event.assoc.kill()
-
-    def begin(self, event: Event, name: str) -> Operation:
-        requestor = event.assoc.requestor
-        return Operation(loggable(str(requestor.ae_title).strip(), 16), str(requestor.address), name)
-
-    def end(self, operation: Operation, failure: Failure | None = None) -> None:
-        """Count the operation and write its access-log line: no identifier values, names or UIDs."""
-        seconds = time.perf_counter() - operation.started
-        status = "aborted" if operation.aborted else f"0x{operation.status:04X}"
-        self.metrics.dimse_operations.labels(operation=operation.name, status=status).inc()
-        if failure is not None:
-            logger.warning(
-                "%s from %s failed with %s: %s%s",
-                operation.name,
-                operation.calling_ae,
-                status,
-                failure.detail,
-                f". Hint: {failure.hint}" if failure.hint else "",
-            )
-        fields = {
-            "calling_ae": operation.calling_ae,
-            "client": operation.address,
-            "operation": operation.name,
-            "level": operation.level,
-            "count": operation.count,
-            "status": status,
-            "seconds": round(seconds, 4),
-        }
-        logger.info(
-            "%s %s %s %s count=%d status=%s %.3fs",
-            operation.address,
-            operation.calling_ae,
-            operation.name,
-            operation.level,
-            operation.count,
-            status,
-            seconds,
-            extra={"access": fields},
-        )

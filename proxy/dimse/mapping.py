@@ -206,7 +206,7 @@ def _decoded(identifier: Dataset, element: DataElement) -> tuple[str, Any]:
     if vr not in _TEXT_VRS or not isinstance(raw, bytes):
         raise IdentifierError(f"the key {_tag_text(element.tag)} came as UN, of no VR it can be matched in")
     charset = identifier.get("SpecificCharacterSet") or "ISO_IR 6"
-    text = decode_bytes(raw, convert_encodings(charset), {"\\"}).rstrip("\0 ")
+    text = decode_bytes(raw, convert_encodings(charset), {0x5C}).rstrip("\0 ")
     values = text.split("\\")
     return vr, values if len(values) > 1 else values[0]
 
