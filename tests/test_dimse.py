@@ -13,7 +13,6 @@ import os
 import re
 import subprocess
 import sys
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -354,7 +353,12 @@ def test_movescu_to_an_unknown_or_unreachable_destination_fails(world, gateway, 
 
 
 def every_operation(world: World, proxy: ProxyProcess, directory: Path) -> dict[str, str]:
-    """Each DIMSE operation once against `proxy`, with how long each took."""
+    """Each DIMSE operation once against `proxy`: what each tool printed.
+
+    "Quickly" is proved by the tool's timeout, not by timing it: an operation that waited on the service would
+    wait for the gateway's own limit (connect + read timeout, 310 s), and 60 s ends the tool (and fails the
+    test) long before that, while a busy 2-core machine still fails an operation in well under 60 s.
+    """
     ct = pydicom.dcmread(TEST_FILES / "CT_small.dcm")
     study = ["-k", "QueryRetrieveLevel=STUDY", "-k", f"StudyInstanceUID={ct.StudyInstanceUID}"]
     outputs = {}
@@ -365,10 +369,8 @@ def every_operation(world: World, proxy: ProxyProcess, directory: Path) -> dict[
         "get": ["getscu", "-v", "-S", *study, "-od", str(directory)],
         "move": ["movescu", "-v", "-S", "-aem", "MOVEDEST", *study],
     }.items():
-        started = time.monotonic()
         files = [str(TEST_FILES / "CT_small.dcm")] if name == "store" else []
         outputs[name] = world.tool(arguments[0], *arguments[1:], *scu(proxy), *files, timeout=60)
-        assert time.monotonic() - started < 15, f"{name} took too long to fail"
     return outputs
 
 
