@@ -8,6 +8,7 @@ import json
 import os
 import re
 import shutil
+from datetime import UTC, datetime
 from pathlib import Path
 
 import pytest
@@ -16,6 +17,7 @@ import requests
 from proxy.status import format_bytes, format_duration, format_expires_in
 
 from .conftest import needs, raw_exchange, wait_for
+from .upstream import token_claims
 
 KEY = "k3y-for-the-status-tests-0123456789"
 WITH_KEY = {"X-Dicom-Proxy-Key": KEY}
@@ -130,6 +132,41 @@ def test_a_refused_token_is_shown_with_who_it_speaks_for(start_proxy, az, upstre
     assert status["problem"]["error"] == "token_refused" and "--audience" in status["problem"]["hint"]
     assert [entry["status"] for entry in status["recent"]] == [401, 401, 401]
     assert "The service refuses the token" in page and "--audience" in page
+
+
+def test_a_service_that_refuses_the_forwarded_requests_turns_the_page_from_green(start_proxy, az, upstream):
+    proxy = start_proxy()
+    ready(proxy)
+    with requests.Session() as session:
+        assert session.get(f"{proxy.url}/echo/fine", timeout=10).status_code == 200
+        assert session.get(f"{proxy.url}/-/status.json", timeout=10).json()["refusals"] is None
+        upstream.refuse_with = 403  # an identity without a DICOM role (or without one on this partition)
+        for number in range(3):
+            assert session.get(f"{proxy.url}/echo/{number}", timeout=10).status_code == 403
+        status = session.get(f"{proxy.url}/-/status.json", timeout=10).json()
+        page = session.get(f"{proxy.url}/-/", timeout=10).text
+        upstream.refuse_with = None
+        assert session.get(f"{proxy.url}/echo/fine-again", timeout=10).status_code == 200
+        after = session.get(f"{proxy.url}/-/status.json", timeout=10).json()
+    newest_refusal = status["recent"][0]
+    assert status["state"] == "denied"
+    assert status["refusals"] == {
+        "newest": True,
+        "count": 3,
+        "of": 4,
+        "last_status": 403,
+        "last_time": newest_refusal["time"],
+        "text": f"The service refused 3 of the last 4 forwarded requests "
+        f"(the last with 403 at {newest_refusal['time'][11:19]} UTC).",
+    }
+    assert "Signed in · the service refuses requests" in page
+    assert 'class="pill bad"' in page
+    assert "The service refused 3 of the last 4 forwarded requests (the last with 403 at" in page
+    assert '<div class="warning" data-f="refusals">' in page, "shown, not hidden"
+    assert "no DICOM role" in page
+    # Accepted again: green, but the refusals among the recent requests are still told.
+    assert after["state"] == "ready"
+    assert after["refusals"]["newest"] is False and after["refusals"]["count"] == 3
 
 
 @pytest.mark.parametrize(
@@ -348,6 +385,10 @@ def browser_without_javascript(tmp_path, monkeypatch):  # noqa: ANN201
     driver.quit()
 
 
+# The cells of the newest row of the recent requests, read at once (the live refresh rebuilds the rows).
+FIRST_ROW = """return Array.from(document.querySelector('[data-f="recent"] tr').cells, (cell) => cell.textContent);"""
+
+
 def make_some_traffic(proxy) -> None:  # noqa: ANN001
     """What a viewer's first minute looks like: a search, a study's series, a miss, a refused Host."""
     with requests.Session() as session:
@@ -358,8 +399,7 @@ def make_some_traffic(proxy) -> None:  # noqa: ANN001
         session.get(f"{proxy.url}/echo/v2/studies/1.2.3?includefield=all", timeout=10)
 
 
-def test_a_person_sees_identity_expiry_base_url_and_live_requests(browser, start_proxy, upstream, tmp_path):
-    from selenium.common.exceptions import StaleElementReferenceException
+def test_a_person_sees_identity_expiry_base_url_and_live_requests(browser, start_proxy, az, upstream, tmp_path):
     from selenium.webdriver.common.by import By
     from selenium.webdriver.support.ui import WebDriverWait
 
@@ -377,17 +417,15 @@ def test_a_person_sees_identity_expiry_base_url_and_live_requests(browser, start
     assert browser.find_element(By.CSS_SELECTOR, '[data-f="user"]').text == "radiologist@example.org"
     assert browser.find_element(By.CSS_SELECTOR, '[data-f="tenant"]').text == "tenant-one"
     expiry = browser.find_element(By.CSS_SELECTOR, '[data-f="expiry"]').text
-    assert re.fullmatch(r"expires 20\d\d-\d\d-\d\d \d\d:\d\d:\d\d UTC \(in (59|60) min\)", expiry), expiry
+    expires = datetime.fromtimestamp(token_claims(az.issued_tokens()[0])["exp"], UTC)
+    shown = re.fullmatch(r"expires (.+) UTC \(in (\d+) min\)", expiry)
+    assert shown and shown.group(1) == expires.strftime("%Y-%m-%d %H:%M:%S"), expiry
+    assert 0 < int(shown.group(2)) <= 60, expiry
     assert browser.find_element(By.ID, "base-url").text == f"{origin}/v2"
     assert "qidoRoot: '" + f"{origin}/v2'" in text, "the OHIF block is open and filled in"
-    # The live refresh replaces the rows: an element found before it is stale after it, so wait and retry.
-    live = WebDriverWait(browser, 15, ignored_exceptions=(StaleElementReferenceException,))
-    first = live.until(
-        lambda driver: [
-            cell.text
-            for cell in driver.find_element(By.CSS_SELECTOR, '[data-f="recent"] tr').find_elements(By.TAG_NAME, "td")
-        ]
-    )
+    # The live refresh replaces the rows, so they are read in one script call, never as stale elements.
+    live = WebDriverWait(browser, 30)
+    first = browser.execute_script(FIRST_ROW)
     assert first[1:4] == ["GET", "/echo/v2/studies/1.2.3", "200"]
     assert "includefield" not in text and "DOE" not in text
 
@@ -395,11 +433,7 @@ def test_a_person_sees_identity_expiry_base_url_and_live_requests(browser, start
     live.until(lambda driver: driver.find_element(By.CSS_SELECTOR, '[data-f="live"]').text.startswith("Live:"))
     browser.execute_script("window.notReloaded = true")
     assert requests.get(f"{origin}/echo/v2/studies/4.5.6/series", timeout=10).status_code == 200
-    live.until(
-        lambda driver: (
-            "/echo/v2/studies/4.5.6/series" in driver.find_element(By.CSS_SELECTOR, '[data-f="recent"] tr').text
-        )
-    )
+    live.until(lambda driver: driver.execute_script(FIRST_ROW)[2] == "/echo/v2/studies/4.5.6/series")
     assert browser.execute_script("return window.notReloaded") is True
     assert browser.find_element(By.CSS_SELECTOR, '[data-f="live"]').text.startswith("Live: updated")
 
