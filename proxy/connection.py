@@ -19,6 +19,7 @@ from aiohttp.http_parser import RawRequestMessage
 
 from .errors import ClientTimeout
 from .logs import access_line
+from .silence import Silence
 
 ACCESS_LOG = logging.getLogger("aiohttp.access")
 # Set on a request whose request line named no HTTP version: the handler refuses it.
@@ -35,39 +36,35 @@ class Connection(web.RequestHandler):
     def __init__(self, manager: web.Server, *, refuse: Refuse, silence: float, **options: Any) -> None:
         super().__init__(manager, **options)
         self._refuse = refuse
-        self._silence = silence
+        self._silence_limit = silence
         self._event_loop = options["loop"]
-        self._heard_at = 0.0
-        self._silence_timer: asyncio.TimerHandle | None = None
+        self._silence: Silence | None = None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         super().connection_made(transport)
-        self._heard_at = self._event_loop.time()
-        self._silence_timer = self._event_loop.call_at(self._heard_at + self._silence, self._check_silence)
+        # While a request is handled, the forwarder times the body; waiting on the upstream is no silence.
+        self._silence = Silence(
+            self._silence_limit, self._silent, excused=lambda: self._request_in_progress, loop=self._event_loop
+        )
+        self._silence.waiting()
 
     def connection_lost(self, exc: BaseException | None) -> None:
-        if self._silence_timer is not None:
-            self._silence_timer.cancel()
-            self._silence_timer = None
+        if self._silence is not None:
+            self._silence.close()
+            self._silence = None
         super().connection_lost(exc)
 
     def data_received(self, data: bytes) -> None:
-        self._heard_at = self._event_loop.time()
+        if self._silence is not None:
+            self._silence.waiting()
         super().data_received(data)
 
-    def _check_silence(self) -> None:
-        now = self._event_loop.time()
-        # While a request is handled, the forwarder times the body; waiting on the upstream is no silence.
-        if now - self._heard_at < self._silence or self._request_in_progress:
-            self._silence_timer = self._event_loop.call_at(
-                max(self._heard_at, now) + self._silence, self._check_silence
-            )
-            return
-        self._silence_timer = None
+    def _silent(self) -> None:
+        self._silence = None
         # A connection that has had an answer (and may be reading the rest of a refused upload) just
         # closes; one that never completed a request is told why.
         if self.transport is not None and self._request_count == 0:
-            body = json.dumps(ClientTimeout(f"no request arrived within {self._silence:g}s").body()).encode()
+            body = json.dumps(ClientTimeout(f"no request arrived within {self._silence_limit:g}s").body()).encode()
             head = (
                 "HTTP/1.1 408 Request Timeout\r\nContent-Type: application/json\r\n"
                 f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n"
@@ -75,7 +72,7 @@ class Connection(web.RequestHandler):
             answer = head.encode() + body
             self.transport.write(answer)
             peer = self.transport.get_extra_info("peername")
-            access_line(ACCESS_LOG, None, 408, self._silence, peer=peer[0] if peer else None, sent=len(answer))
+            access_line(ACCESS_LOG, None, 408, self._silence_limit, peer=peer[0] if peer else None, sent=len(answer))
         self.force_close()
 
     def handle_error(

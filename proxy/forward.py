@@ -9,9 +9,11 @@ that goes silent while sending its body for longer than the read timeout is cut 
 from __future__ import annotations
 
 import asyncio
+import itertools
 import logging
 import re
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Iterable, Iterator
+from functools import partial
 from urllib.parse import unquote
 
 import aiohttp
@@ -42,6 +44,7 @@ from .rewrite import (
 )
 from .session import upstream_failure
 from .settings import Settings
+from .silence import Silence
 from .tokens import TokenSource
 
 logger = logging.getLogger("proxy.forward")
@@ -87,37 +90,19 @@ def local_origin(request: web.BaseRequest) -> str:
     return f"{request.scheme}://{host}"
 
 
-class _Silence:
-    """Notices a wait on the client (for body bytes, or for it to read) that lasts `limit` seconds.
-
-    One timer per transfer looks at the wait in progress: an asyncio.timeout around each chunk made and
-    cancelled a timer per chunk, 8% of a 1 GiB download's CPU. `waiting()` and `heard()` cost a clock read.
-    """
-
-    def __init__(self, limit: float, on_silence: Callable[[], None]) -> None:
-        self._loop = asyncio.get_running_loop()
-        self._limit = limit
-        self._on_silence = on_silence
-        self._since: float | None = None
-        self.noticed = False
-        self._timer = self._loop.call_at(self._loop.time() + limit, self._check)
-
-    def waiting(self) -> None:
-        self._since = self._loop.time()
-
-    def heard(self) -> None:
-        self._since = None
-
-    def close(self) -> None:
-        self._timer.cancel()
-
-    def _check(self) -> None:
-        now = self._loop.time()
-        if self._since is not None and now - self._since >= self._limit:
-            self.noticed = True
-            self._on_silence()
-            return
-        self._timer = self._loop.call_at((now if self._since is None else self._since) + self._limit, self._check)
+def _broke_off(request: web.BaseRequest, exc: BaseException) -> None:
+    """The upstream's answer broke off mid-body: the client connection is closed instead of the answer
+    finished, because a client must never take a cut body for whole."""
+    request[UPSTREAM_FAILURE] = _failure_kind(exc)
+    request[SENT_BEFORE_CUT] = request.writer.output_size
+    logger.warning(
+        "upstream broke off %s %s mid-body (%s); closing the client connection",
+        request.method,
+        loggable(request.path),
+        type(exc).__name__,
+    )
+    if request.transport is not None:
+        request.transport.close()
 
 
 def _failure_kind(exc: BaseException) -> str:
@@ -187,9 +172,9 @@ class Forwarder:
 
         def stalled() -> None:
             request[_CLIENT_STALLED] = True
-            content.set_exception(ClientTimeout(f"the client sent no body bytes for {self._silence:g}s"))
+            content.set_exception(self._body_stalled())
 
-        silence = _Silence(self._silence, stalled)
+        silence = Silence(self._silence, stalled)
         try:
             while True:
                 silence.waiting()
@@ -200,6 +185,9 @@ class Forwarder:
                 yield chunk
         finally:
             silence.close()
+
+    def _body_stalled(self) -> ClientTimeout:
+        return ClientTimeout(f"the client sent no body bytes for {self._silence:g}s")
 
     async def _send(self, request: web.BaseRequest, url: URL, token: str, body: Body) -> aiohttp.ClientResponse:
         headers = upstream_request_headers(
@@ -223,7 +211,7 @@ class Forwarder:
             raise
         except Exception as exc:
             if request.get(_CLIENT_STALLED):
-                raise ClientTimeout(f"the client sent no body bytes for {self._silence:g}s") from exc
+                raise self._body_stalled() from exc
             failure = upstream_failure(exc, url.host)
             if failure is None:
                 raise
@@ -255,20 +243,28 @@ class Forwarder:
         elif mapping is not None and request.method == "HEAD" and body_kind(headers.get("Content-Type")):
             # A GET of it would be rewritten to another length; a HEAD must not promise the old one.
             headers.popall("Content-Length", None)
-        first = b""
+        ready: Iterable[bytes] = ()
         if has_body and upstream.content_length is not None and upstream.content_length <= WHOLE_ANSWER_LIMIT:
-            first = await self._read_whole(request, upstream)
-            body = _whole_body(first, transform, headers)
-            if body is not None:
-                return AsSentResponse(status=upstream.status, reason=upstream.reason, headers=headers, body=body)
-            assert transform is not None
-            transform = transform.fresh()  # `first` streams out through a second pass
+            body = await self._read_whole(request, upstream)
+            if transform is None or not transform.inflates:
+                whole = body if transform is None else transform.whole(body)
+                return _whole_answer(upstream, headers, body if whole is None else whole, rewritten=whole is not None)
+            try:
+                ready, rest = await _inflate_some(transform, body)
+            except DecodeError:  # not what it claims to be: no link can be found in it, so it goes as it came
+                return _whole_answer(upstream, headers, body, rewritten=False)
+            if rest is None:
+                if not transform.changed:  # no link: it goes out compressed, as it came
+                    return _whole_answer(upstream, headers, body, rewritten=False)
+                headers.popall("Content-Encoding", None)
+                return _whole_answer(upstream, headers, b"".join(ready), rewritten=True)
+            ready = itertools.chain(ready, rest)  # inflates past the limit: the rest streams as it inflates
         if transform is not None:
             for stale in _STALE_AFTER_REWRITE:
                 headers.popall(stale, None)
             if transform.inflates:
                 headers.popall("Content-Encoding", None)
-        return await self._stream(request, upstream, headers, transform, first)
+        return await self._stream(request, upstream, headers, transform, ready)
 
     async def _stream(
         self,
@@ -276,9 +272,9 @@ class Forwarder:
         upstream: aiohttp.ClientResponse,
         headers: CIMultiDict[str],
         transform: BodyTransform | None,
-        first: bytes = b"",
+        ready: Iterable[bytes] = (),
     ) -> web.StreamResponse:
-        """Stream the answer out, `first` (the body read so far) before the rest from the upstream."""
+        """Stream the answer out: `ready` (output of a body read whole) first, then the rest from the upstream."""
         response = AsSentStreamResponse(status=upstream.status, reason=upstream.reason, headers=headers)
         await response.prepare(request)
         if request.transport is not None and transform is None:
@@ -287,46 +283,43 @@ class Forwarder:
             # by the rewriting, not the copying, and keeps the default, which bounds memory per answer.
             request.transport.set_write_buffer_limits(high=WRITE_BUFFER_HIGH)
 
-        def stopped_reading() -> None:
-            # A client that stops reading would hold this answer's buffers (and the upstream's) forever.
-            logger.warning(
-                "client read nothing of %s %s for %gs; closing its connection",
-                request.method,
-                loggable(request.path),
-                self._silence,
-            )
-            if request.transport is not None:
-                request.transport.abort()
-
-        silence = _Silence(self._silence, stopped_reading)
+        silence = Silence(self._silence, partial(self._stopped_reading, request))
+        # Inflated pieces come from bytes already read: no read waits between them, so the loop is let run.
+        inflating = transform is not None and transform.inflates
         try:
-            while chunk := first or await upstream.content.readany():
-                first = b""
-                pieces = (chunk,) if transform is None else transform.feed(chunk)
+            pieces: Iterable[bytes] = ready
+            while True:
                 for piece in pieces:
                     if piece and not await self._write(request, response, silence, piece):
                         return response
+                    if inflating:
+                        await asyncio.sleep(0)
+                chunk = await upstream.content.readany()
+                if not chunk:
+                    break
+                pieces = (chunk,) if transform is None else transform.feed(chunk)
             if transform is not None and not await self._write(request, response, silence, transform.finish()):
                 return response
             await self._write(request, response, silence, None)
         except (TimeoutError, aiohttp.ClientError, DecodeError) as exc:
-            # Close instead of finishing the response: a client must never take a cut body for whole.
-            request[UPSTREAM_FAILURE] = _failure_kind(exc)
-            request[SENT_BEFORE_CUT] = request.writer.output_size
-            logger.warning(
-                "upstream broke off %s %s mid-body (%s); closing the client connection",
-                request.method,
-                loggable(request.path),
-                type(exc).__name__,
-            )
-            if request.transport is not None:
-                request.transport.close()
+            _broke_off(request, exc)
         finally:
             silence.close()
         return response
 
+    def _stopped_reading(self, request: web.BaseRequest) -> None:
+        # A client that stops reading would hold this answer's buffers (and the upstream's) forever.
+        logger.warning(
+            "client read nothing of %s %s for %gs; closing its connection",
+            request.method,
+            loggable(request.path),
+            self._silence,
+        )
+        if request.transport is not None:
+            request.transport.abort()
+
     async def _write(
-        self, request: web.BaseRequest, response: web.StreamResponse, silence: _Silence, chunk: bytes | None
+        self, request: web.BaseRequest, response: web.StreamResponse, silence: Silence, chunk: bytes | None
     ) -> bool:
         """Write `chunk` on (None: end the answer); False when the client went away, or was cut for reading
         nothing for the read timeout."""
@@ -352,29 +345,29 @@ class Forwarder:
             raise UpstreamUnreachable(f"the upstream broke off its answer ({type(exc).__name__})") from exc
 
 
-def _whole_body(body: bytes, transform: BodyTransform | None, headers: CIMultiDict[str]) -> bytes | None:
-    """A small answer's body to send in one write, its headers made to match; None when it must stream.
+def _whole_answer(
+    upstream: aiohttp.ClientResponse, headers: CIMultiDict[str], body: bytes, *, rewritten: bool
+) -> web.Response:
+    """A small answer, sent in one write; a rewritten body no longer has the length or digest it came with."""
+    if rewritten:
+        for stale in _STALE_AFTER_REWRITE:
+            headers.popall(stale, None)
+    return AsSentResponse(status=upstream.status, reason=upstream.reason, headers=headers, body=body)
 
-    It must stream only when it is compressed, has links, and inflates past the whole-answer limit: a small
-    gzip answer can inflate to any size. Compressed without links, it goes out compressed as it came.
-    """
-    if transform is None:
-        return body
-    if not transform.inflates:
-        rewritten = transform.whole(body)
-    elif not transform.changes(body):
-        rewritten = None
-    elif transform.plain_size > WHOLE_ANSWER_LIMIT:
-        return None
-    else:
-        fresh = transform.fresh()
-        rewritten = b"".join(fresh.feed(body)) + fresh.finish()
-        headers.popall("Content-Encoding", None)
-    if rewritten is None:
-        return body
-    for stale in _STALE_AFTER_REWRITE:
-        headers.popall(stale, None)
-    return rewritten
+
+async def _inflate_some(transform: BodyTransform, body: bytes) -> tuple[list[bytes], Iterator[bytes] | None]:
+    """A compressed small answer inflated (and rewritten) a piece at a time, the event loop running between
+    pieces: a small gzip answer can inflate to any size. Returns the output up to the whole-answer limit,
+    and the rest still to inflate when it goes past (None when it ended within). Raises DecodeError."""
+    ready: list[bytes] = []
+    pieces = transform.feed(body)
+    for piece in pieces:
+        ready.append(piece)
+        if transform.plain_size > WHOLE_ANSWER_LIMIT:
+            return ready, pieces
+        await asyncio.sleep(0)
+    ready.append(transform.finish())
+    return ready, None
 
 
 def _wants_a_document(accept: str | None) -> bool:

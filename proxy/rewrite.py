@@ -7,14 +7,13 @@ errorHref, is data and stays as it is, and so is a URL in the middle of a longer
 
 JSON and XML bodies are rewritten as they stream (`BodyRewriter`), byte for byte: nothing is parsed or
 re-serialised, so numbers, spacing and key order stay exactly as the service wrote them. gzip and deflate
-are undone on the way (`Inflater`); other bodies stream untouched.
+are undone on the way (`inflate.Inflater`); other bodies stream untouched.
 """
 
 from __future__ import annotations
 
 import functools
 import re
-import zlib
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from email.message import Message
@@ -22,6 +21,9 @@ from itertools import islice, repeat
 from typing import Literal
 
 from multidict import CIMultiDict
+
+from .inflate import DecodeError as DecodeError  # re-exported: the forwarder catches it from a transform
+from .inflate import inflater_for
 
 BodyKind = Literal["json", "xml"]
 
@@ -302,96 +304,18 @@ class BodyRewriter:
         return rewritten
 
 
-# Content-Encoding -----------------------------------------------------------------------------------
-
-PIECE_SIZE = 256 * 1024
-
-_GZIP_WINDOW = 16 + zlib.MAX_WBITS
-_INFLATABLE = frozenset({"gzip", "x-gzip", "deflate"})
-
-
-class DecodeError(ValueError):
-    """A body is not in the Content-Encoding it claims, or ends before its compressed stream does."""
-
-
-class Inflater:
-    """Undoes gzip or deflate Content-Encoding as a body streams, in pieces of at most `piece_size` bytes.
-
-    Output is bounded per piece, not per chunk: a small chunk of a compression bomb becomes many pieces,
-    never one huge one, and a caller that stops reading stops the inflating.
-    """
-
-    def __init__(self, encoding: str, *, piece_size: int = PIECE_SIZE) -> None:
-        if encoding not in _INFLATABLE:
-            raise ValueError(f"cannot undo Content-Encoding {encoding!r}")
-        self._encoding = encoding
-        self._piece_size = piece_size
-        self._inflater = zlib.decompressobj(_GZIP_WINDOW)
-        # "deflate" means the zlib format, but servers often send a raw deflate stream instead (RFC 9110
-        # 8.4.1.2); its first two bytes tell which, so they wait until both have come.
-        self._head: bytes | None = b"" if encoding == "deflate" else None
-        self._started = False
-
-    def feed(self, chunk: bytes) -> Iterator[bytes]:
-        """The inflated pieces of `chunk`; iterate to the end before the next feed. Raises DecodeError."""
-        self._started = self._started or bool(chunk)
-        if self._head is not None:
-            chunk = self._head + chunk
-            if len(chunk) < 2:
-                self._head = chunk
-                return
-            self._head = None
-            self._inflater = zlib.decompressobj(zlib.MAX_WBITS if _is_zlib_header(chunk) else -zlib.MAX_WBITS)
-        while True:
-            if self._inflater.eof and chunk:
-                if self._encoding == "deflate":
-                    raise DecodeError("the body goes on after its deflate stream has ended")
-                self._inflater = zlib.decompressobj(_GZIP_WINDOW)  # a gzip body may hold several members
-            try:
-                piece = self._inflater.decompress(chunk, self._piece_size)
-            except zlib.error as exc:
-                raise DecodeError(f"the body is not valid {self._encoding}: {exc}") from exc
-            if piece:
-                yield piece
-            if self._inflater.eof:
-                chunk = self._inflater.unused_data
-                if not chunk:
-                    return
-            else:
-                chunk = self._inflater.unconsumed_tail
-                # A full piece may mean zlib holds more output for input it has already taken.
-                if not chunk and len(piece) < self._piece_size:
-                    return
-
-    def finish(self) -> None:
-        """Check that the body did not end inside the compressed stream. Raises DecodeError."""
-        if self._started and not self._inflater.eof:
-            raise DecodeError(f"the body ends before its {self._encoding} stream does")
-
-
-def inflater_for(content_encoding: str | None, *, piece_size: int = PIECE_SIZE) -> Inflater | None:
-    """An Inflater for a gzip or deflate body; None for any other encoding, identity included."""
-    encoding = (content_encoding or "").strip().lower()
-    return Inflater(encoding, piece_size=piece_size) if encoding in _INFLATABLE else None
-
-
-def _is_zlib_header(head: bytes) -> bool:
-    # RFC 1950 2.2: method 8 (deflate) with a window of at most 32 KiB, and the two bytes a multiple of 31.
-    return head[0] & 0x0F == 8 and head[0] >> 4 <= 7 and (head[0] << 8 | head[1]) % 31 == 0
-
-
 class BodyTransform:
     """What a JSON or XML answer goes through on its way to the client: inflated if encoded, then rewritten."""
 
     def __init__(self, kind: BodyKind, mapping: BaseMapping, encoding: str | None = None) -> None:
-        self._kind, self._mapping, self._encoding = kind, mapping, encoding
         self.plain_size = 0  # identity bytes fed to the rewriter so far
         self._rewriter = BodyRewriter(kind, mapping)
         self._inflater = inflater_for(encoding)
 
-    def fresh(self) -> BodyTransform:
-        """The same transform, unused: for a second pass over the same body."""
-        return BodyTransform(self._kind, self._mapping, self._encoding)
+    @property
+    def changed(self) -> bool:
+        """Whether a link has been rewritten so far."""
+        return self._rewriter.changed
 
     @property
     def inflates(self) -> bool:
@@ -421,18 +345,6 @@ class BodyTransform:
             return None  # most answers hold no link: no pass over them at all
         rewritten = self._rewriter.feed(body) + self._rewriter.finish()
         return rewritten if self._rewriter.changed else None
-
-    def changes(self, body: bytes) -> bool:
-        """Whether `body` (a whole one) holds a link to rewrite. Its output is dropped piece by piece, so an
-        encoded body costs no more memory than a piece however far it inflates; one that does not decode
-        holds none. The transform is used up: the rewriting itself needs a fresh one."""
-        try:
-            for _ in self.feed(body):
-                pass
-            self.finish()
-        except DecodeError:
-            return False
-        return self._rewriter.changed
 
 
 def body_transform(

@@ -557,3 +557,37 @@ def test_an_answer_cut_mid_body_is_logged_with_the_bytes_sent(start_proxy, upstr
         what="the access line of the cut answer",
     )
     assert f'"GET {path}" 200 {len(received)} ' in line, line
+
+
+def test_a_gzip_answer_that_inflates_to_1000_mib_never_freezes_other_clients(start_proxy, upstream):
+    # About 1 MiB of gzip, small enough to be read whole, holding one link and then 1000 MiB of spaces. It
+    # must inflate in steps that let the event loop answer others, and stream out once past the small-answer
+    # limit; the client reads only its start, so nothing waits on the rest being inflated.
+    import select
+    import socket
+    import time
+
+    import requests
+
+    proxy = start_proxy()
+    waits: list[float] = []
+    with socket.create_connection(("127.0.0.1", proxy.port), timeout=60) as bomb:
+        bomb.sendall(b"GET /v2/gzip-bomb/1000 HTTP/1.1\r\nHost: localhost\r\nAccept-Encoding: gzip\r\n\r\n")
+        deadline = time.monotonic() + 120
+        after_the_answer_began = 5  # probes while it streams, too
+        while after_the_answer_began and time.monotonic() < deadline:
+            asked = time.monotonic()
+            assert requests.get(f"{proxy.url}/-/health", timeout=120).status_code == 200
+            waits.append(time.monotonic() - asked)
+            if after_the_answer_began < 5 or select.select([bomb], [], [], 0)[0]:
+                after_the_answer_began -= 1
+        start = b""
+        while b"/v2/studies/1" not in start and len(start) < 4 * MiB:
+            start += bomb.recv(65536)
+    head = start.partition(b"\r\n\r\n")[0].lower()
+    assert head.startswith(b"http/1.1 200"), start[:200]
+    assert b"content-encoding" not in head and b"content-length" not in head
+    assert f"http://localhost:{proxy.port}/v2/studies/1".encode() in start
+    # A loop frozen by inflating it whole made a probe wait 5-10 s; a busy machine answers one in milliseconds.
+    assert max(waits) < 2.0, waits
+    assert proxy.peak_rss_mib() < 100

@@ -9,13 +9,16 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import functools
 import gzip
 import hashlib
 import json
 import random
 import ssl
+import struct
 import threading
 import time
+import zlib
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
@@ -39,6 +42,23 @@ def metadata_stream(base: str, blocks: int) -> Iterator[bytes]:
         for start in range(0, len(body), 65521):
             yield body[start : start + 65521]
     yield b"]"
+
+
+@functools.cache
+def gzip_bomb(link: str, mib: int) -> bytes:
+    """A gzip JSON body holding one `link`, then `mib` MiB of spaces, at deflate's greatest ratio (about
+    1000:1). Each MiB is compressed once after a full flush, which makes its bytes the same every time."""
+    compressor = zlib.compressobj(9, zlib.DEFLATED, 16 + zlib.MAX_WBITS)
+    prefix = json.dumps([{"00081190": {"vr": "UR", "Value": [link]}}]).encode()[:-1]
+    head = compressor.compress(prefix) + compressor.flush(zlib.Z_FULL_FLUSH)
+    block = b" " * (1024 * 1024)
+    spaces = compressor.compress(block) + compressor.flush(zlib.Z_FULL_FLUSH)
+    tail = (compressor.compress(b"]") + compressor.flush())[:-8]  # its trailer counts one block only
+    crc = zlib.crc32(prefix)
+    for _ in range(mib):
+        crc = zlib.crc32(block, crc)
+    size = len(prefix) + mib * len(block) + 1
+    return head + spaces * mib + tail + struct.pack("<II", zlib.crc32(b"]", crc), size & 0xFFFFFFFF)
 
 
 def token_claims(token: str) -> dict[str, object]:
@@ -120,6 +140,7 @@ class Upstream:
         app.router.add_get("/v2/big-json/{mib}", self._big_json)
         app.router.add_get("/v2/stream-json/{mib}", self._stream_json)
         app.router.add_get("/v2/gzip-json/{mib}", self._gzip_metadata)
+        app.router.add_get("/v2/gzip-bomb/{mib}", self._gzip_bomb)
         app.router.add_get("/v2/studies/{study}/series", self._multipart)
         app.router.add_get("/bytes/{size}", self._bytes)
         app.router.add_get("/reset/{size}", self._reset)
@@ -263,6 +284,10 @@ class Upstream:
     async def _gzip_metadata(self, request: web.Request) -> web.Response:
         """`mib` MiB of metadata, gzipped into a small answer with a Content-Length: a bomb with links."""
         body = gzip.compress(b"".join(metadata_stream(self.url, int(request.match_info["mib"]))), 9)
+        return web.Response(body=body, headers={"Content-Encoding": "gzip", "Content-Type": "application/dicom+json"})
+
+    async def _gzip_bomb(self, request: web.Request) -> web.Response:
+        body = gzip_bomb(self.link(request, "/v2/studies/1"), int(request.match_info["mib"]))
         return web.Response(body=body, headers={"Content-Encoding": "gzip", "Content-Type": "application/dicom+json"})
 
     async def _multipart(self, request: web.Request) -> web.Response:
