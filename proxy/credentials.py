@@ -7,11 +7,8 @@ for as long as `az` takes to answer.
 from __future__ import annotations
 
 import contextlib
-import os
-import signal
-import time
-from pathlib import Path
 
+import psutil
 from azure.core.credentials_async import AsyncSupportsTokenInfo
 from azure.identity.aio import (
     AzureCliCredential,
@@ -53,44 +50,18 @@ def end_child_processes(grace: float = 2.0) -> None:
     """Stop every process this one started that still runs: an `az` cancelled mid-run goes on otherwise.
 
     azure-identity does not stop the CLI when the request for a token is cancelled (at shutdown), and the
-    real `az` is a shell script with a Python child, so the whole tree is stopped: SIGTERM, then SIGKILL
-    after `grace` seconds. Linux only (it reads /proc); elsewhere it does nothing.
+    real `az` is a shell script (`az.cmd` on Windows) with a Python child, so the whole tree is stopped:
+    terminated, then killed after `grace` seconds. psutil finds the tree on Linux, macOS and Windows alike.
     """
-    pids = _descendants(os.getpid())
-    for pid in pids:
-        with contextlib.suppress(ProcessLookupError, PermissionError):
-            os.kill(pid, signal.SIGTERM)
-    deadline = time.monotonic() + grace
-    while pids and time.monotonic() < deadline:
-        pids = [pid for pid in pids if _running(pid)]
-        if pids:
-            time.sleep(0.02)
-    for pid in pids:
-        with contextlib.suppress(ProcessLookupError, PermissionError):
-            os.kill(pid, signal.SIGKILL)
-
-
-def _descendants(root: int) -> list[int]:
-    parents: dict[int, list[int]] = {}
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            fields = stat.read_text().rpartition(")")[2].split()
-        except OSError:
-            continue
-        parents.setdefault(int(fields[1]), []).append(int(stat.parent.name))
-    found: list[int] = []
-    waiting = [root]
-    while waiting:
-        children = parents.get(waiting.pop(), [])
-        found.extend(children)
-        waiting.extend(children)
-    return found
-
-
-def _running(pid: int) -> bool:
-    """Alive and not a zombie waiting to be reaped."""
     try:
-        state = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()[0]
-    except (OSError, IndexError):
-        return False
-    return state != "Z"
+        children = psutil.Process().children(recursive=True)
+    except psutil.Error:
+        return
+    for child in children:
+        with contextlib.suppress(psutil.Error):
+            child.terminate()
+    _, alive = psutil.wait_procs(children, timeout=grace)
+    for child in alive:
+        with contextlib.suppress(psutil.Error):
+            child.kill()
+    psutil.wait_procs(alive, timeout=grace)
