@@ -20,12 +20,14 @@ from azure.core.credentials import TokenRequestOptions
 from azure.core.exceptions import AzureError
 
 from .credentials import build_credential
-from .errors import ConfigurationError
+from .errors import ConfigurationError, loggable
 from .session import upstream_session
 from .settings import Settings
 from .tokens import describe_identity, expiry_text, first_line, token_claims
 
 _DESCRIPTION = re.compile(r'error_description="([^"]*)"')
+# azure-identity's AzureCliCredential, when az's output does not parse: "Unexpected output from Azure CLI: '...'."
+_UNEXPECTED_OUTPUT = re.compile(r"Unexpected output from Azure CLI: '(.*)'\. ?\n", re.DOTALL)
 ROLE_HINT = (
     "give the signed-in identity a DICOM role (DICOM Data Reader, or DICOM Data Owner to write) "
     "on the DICOM service in the Azure portal (Access control (IAM))"
@@ -34,14 +36,18 @@ ROLE_HINT = (
 
 @dataclass(frozen=True)
 class Finding:
+    """One step's outcome; a `warning` passes (exit code 0) but is not shown as ok."""
+
     ok: bool
     step: str
     detail: str
     fix: str = ""
+    warning: bool = False
 
     def line(self) -> str:
-        text = f"{'ok  ' if self.ok else 'FAIL'}  {self.step}: {self.detail}"
-        return text + (f" -> fix: {self.fix}" if self.fix and not self.ok else "")
+        label = "FAIL" if not self.ok else "warn" if self.warning else "ok  "
+        text = f"{label}  {self.step}: {self.detail}"
+        return text + (f" -> fix: {self.fix}" if self.fix and label != "ok  " else "")
 
 
 def probe_url(settings: Settings) -> str:
@@ -73,9 +79,7 @@ async def _check_token(settings: Settings, findings: list[Finding], which: Calla
         async with credential:
             info = await credential.get_token_info(settings.scope, options=options)
     except AzureError as error:
-        message = first_line(error.message or str(error))
-        fix = "run 'az login'" if settings.credential == "cli" else f"check the {settings.credential} credential"
-        findings.append(Finding(False, "signed in", message, fix))
+        findings.append(_signin_failure(settings, error.message or str(error)))
         return None
     findings.append(Finding(True, "signed in", f"the {settings.credential} credential gave a token"))
 
@@ -90,6 +94,8 @@ async def _check_token(settings: Settings, findings: list[Finding], which: Calla
                 "use --audience https://dicom.healthcareapis.azure.com (the DICOM service's audience)",
             )
         )
+    elif settings.audience_warning:
+        findings.append(Finding(True, "audience", settings.audience_warning, warning=True))
     else:
         findings.append(Finding(True, "audience", audience))
     tenant = str(claims.get("tid", ""))
@@ -104,6 +110,22 @@ async def _check_token(settings: Settings, findings: list[Finding], which: Calla
     else:
         findings.append(Finding(True, "expiry", f"the token {when}"))
     return info.token
+
+
+def _signin_failure(settings: Settings, message: str) -> Finding:
+    """What the credential said; az printing something that is not JSON is a broken az, not a signed-out one."""
+    printed = _UNEXPECTED_OUTPUT.search(message)
+    if printed is not None:
+        output = printed.group(1).strip().splitlines()
+        shown = output[0].replace("\\", "\\\\").replace('"', '\\"') if output else ""
+        return Finding(
+            False,
+            "signed in",
+            f'az printed something that is not a token: "{loggable(shown, 120)}"' if output else "az printed nothing",
+            "run 'az upgrade', or reinstall the Azure CLI if that fails",
+        )
+    fix = "run 'az login'" if settings.credential == "cli" else f"check the {settings.credential} credential"
+    return Finding(False, "signed in", first_line(message), fix)
 
 
 async def _check_upstream(settings: Settings, findings: list[Finding], token: str | None) -> None:
@@ -169,5 +191,7 @@ def run_check(settings: Settings, out: TextIO) -> int:
     for finding in findings:
         print(finding.line(), file=out)
     failed = sum(not finding.ok for finding in findings)
-    print("all checks passed" if not failed else f"{failed} check(s) failed", file=out)
+    warned = sum(finding.warning for finding in findings)
+    warnings = f", {warned} warning{'s' if warned > 1 else ''}" if warned else ""
+    print(("all checks passed" if not failed else f"{failed} check(s) failed") + warnings, file=out)
     return 0 if not failed else 1

@@ -7,6 +7,7 @@ defaults, merged in settings.py) and hands them to the part that does the work.
 from __future__ import annotations
 
 import argparse
+import logging
 import os
 import sys
 from collections.abc import Mapping, Sequence
@@ -83,6 +84,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     from .logs import configure_logging
 
     configure_logging(settings.log_format)
+    if settings.audience_warning:
+        # Once, before the workers start: each would otherwise repeat it.
+        logging.getLogger("proxy").warning("--audience: %s", settings.audience_warning)
 
     from .app import run
     from .supervisor import supervise

@@ -77,6 +77,19 @@ class Settings:
         return self.audience.rstrip("/") + "/.default"
 
     @property
+    def audience_warning(self) -> str | None:
+        """Why this audience is suspect, or None; `check` and `serve` both say it, in these words.
+
+        A warning, not a refusal: sovereign clouds have DICOM audiences of their own.
+        """
+        if self.audience.rstrip("/") == DEFAULT_AUDIENCE:
+            return None
+        return (
+            f"{self.audience} is not the DICOM service's audience ({DEFAULT_AUDIENCE}); the service will refuse "
+            "its tokens unless it is your cloud's DICOM audience"
+        )
+
+    @property
     def local_url(self) -> str:
         host = self.listen_host
         if host in ("0.0.0.0", "::", ""):

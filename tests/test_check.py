@@ -9,6 +9,10 @@ import pytest
 
 from .conftest import free_port
 
+OTHER_AUDIENCE_WARNING = (
+    "https://management.azure.com is not the DICOM service's audience (https://dicom.healthcareapis.azure.com)"
+)
+
 
 def check(env, *flags: str) -> subprocess.CompletedProcess[str]:  # noqa: ANN001
     return subprocess.run(
@@ -20,7 +24,7 @@ def lines(result: subprocess.CompletedProcess[str]) -> dict[str, str]:
     """Step name -> its whole line."""
     found = {}
     for line in result.stdout.splitlines():
-        if line.startswith(("ok  ", "FAIL")):
+        if line.startswith(("ok  ", "FAIL", "warn")):
             found[line[6:].split(":", 1)[0]] = line
     return found
 
@@ -72,6 +76,38 @@ def test_wrong_audience_is_named(proxy_env, upstream, ca_bundle, az):
     assert "dicom.healthcareapis" not in found["signed in"], "signed in must not claim the DICOM audience"
     assert "401, wrong audience" in found["upstream accepts the token"]
     assert "--audience https://dicom.healthcareapis.azure.com" in found["upstream accepts the token"]
+
+
+def test_an_audience_that_is_not_the_dicom_services_is_a_warning_not_ok(proxy_env, upstream, ca_bundle, az):
+    """A real az always returns the audience asked for, so the step compares with the DICOM audience instead."""
+    result = check(
+        proxy_env,
+        "--upstream",
+        upstream.url,
+        "--ca-bundle",
+        str(ca_bundle),
+        "--audience",
+        "https://management.azure.com",
+    )
+    found = lines(result)
+    assert found["audience"].startswith(f"warn  audience: {OTHER_AUDIENCE_WARNING}")
+    # The fake service, like the real one, refuses a management token: that step fails, the audience only warns.
+    assert result.stdout.rstrip().endswith("1 check(s) failed, 1 warning")
+
+
+def test_a_proxy_with_another_audience_warns_at_start_up(start_proxy):
+    proxy = start_proxy("--audience", "https://management.azure.com")
+    warnings = [line for line in proxy.output().splitlines() if OTHER_AUDIENCE_WARNING in line]
+    assert len(warnings) == 1 and "WARNING" in warnings[0], proxy.output()
+
+
+def test_az_printing_something_that_is_not_json(proxy_env, upstream, ca_bundle, az):
+    az.configure(mode="garbage")
+    result = check(proxy_env, "--upstream", upstream.url, "--ca-bundle", str(ca_bundle))
+    assert result.returncode == 1
+    line = lines(result)["signed in"]
+    assert line.startswith('FAIL  signed in: az printed something that is not a token: "this is not json"')
+    assert "az upgrade" in line and "az login" not in line
 
 
 def test_missing_role_is_told_apart_from_a_bad_token(proxy_env, upstream, ca_bundle):
