@@ -80,3 +80,21 @@ def test_every_bad_value_is_one_line_and_exit_code_2(argv, environ, config, mess
     assert result.stderr.count("\n") == 1, result.stderr
     assert message.format(fake_pem=fake_pem) in result.stderr
     assert "secret-password" not in result.stderr
+
+
+def test_the_license_is_an_spdx_expression_that_the_build_backend_understands():
+    """A `license = { text = ... }` table stops building with setuptools after 2027-02-18; a string needs >= 77."""
+    import tomllib
+
+    from packaging.licenses import canonicalize_license_expression
+    from packaging.requirements import Requirement
+    from packaging.version import Version
+
+    project = tomllib.loads((Path(__file__).parent.parent / "pyproject.toml").read_text())
+    license_text = project["project"]["license"]
+    assert isinstance(license_text, str), "an SPDX string, not a table"
+    assert canonicalize_license_expression(license_text) == license_text
+    backend = next(Requirement(item) for item in project["build-system"]["requires"] if item.startswith("setuptools"))
+    floor = min(Version(spec.version) for spec in backend.specifier if spec.operator == ">=")
+    assert floor >= Version("77"), "setuptools reads an SPDX license string from version 77 on"
+    assert not any(item.startswith("License ::") for item in project["project"].get("classifiers", []))
