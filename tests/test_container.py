@@ -122,6 +122,18 @@ def image(tmp_path_factory: pytest.TempPathFactory) -> str:
     return tag
 
 
+def test_the_image_cache_key_covers_every_file_the_build_copies():
+    """A file the build copies but the key leaves out would let a stale cached image pass the tests."""
+    hashed = {path.relative_to(ROOT) for path in build_inputs()}
+    copies = [line.split()[1:-1] for line in (ROOT / "Dockerfile").read_text().splitlines() if line.startswith("COPY")]
+    assert copies, "the Dockerfile copies nothing?"
+    for sources in copies:
+        for source in (item for item in sources if not item.startswith("--")):
+            below = [path for path in (ROOT / source).rglob("*") if path.is_file() and "__pycache__" not in path.parts]
+            files = below if (ROOT / source).is_dir() else [ROOT / source]
+            assert files and {path.relative_to(ROOT) for path in files} <= hashed, f"COPY {source} is not in the key"
+
+
 @pytest.fixture
 def az(tmp_path: Path) -> AzStub:
     """The `az` stand-in, runnable inside the image by its own python3 and writable by its non-root user."""
