@@ -12,7 +12,6 @@ import asyncio
 import errno
 import json
 import logging
-import resource
 import signal
 import time
 import traceback
@@ -336,18 +335,31 @@ class _DescriptorShortage:
         if isinstance(exc, OSError) and exc.errno in (errno.EMFILE, errno.ENFILE):
             if not self._told:
                 self._told = True
-                soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
                 logger.error(
-                    "out of file descriptors (limit %d): new connections wait until others close; "
+                    "out of file descriptors (limit %s): new connections wait until others close; "
                     "raise the limit (ulimit -n) or close idle clients",
-                    soft,
+                    _open_file_limit(),
                 )
             return
         loop.default_exception_handler(context)
 
 
+def _open_file_limit() -> str:
+    try:
+        import resource  # Unix only
+    except ImportError:
+        return "unknown"
+    return str(resource.getrlimit(resource.RLIMIT_NOFILE)[0])
+
+
 def raise_open_file_limit() -> None:
-    """Each connection costs two descriptors (client and upstream): take all the hard limit allows."""
+    """Each connection costs two descriptors (client and upstream): take all the hard limit allows.
+
+    Unix only: Windows has no such limit to raise (and no `resource` module)."""
+    try:
+        import resource
+    except ImportError:
+        return
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     wanted = hard if hard != resource.RLIM_INFINITY else max(soft, 1 << 20)
     if soft != resource.RLIM_INFINITY and soft < wanted:

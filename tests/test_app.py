@@ -121,3 +121,21 @@ def test_the_aiohttp_internals_the_proxy_relies_on_exist():
     for response_class in (web.StreamResponse, web.Response):
         method = getattr(response_class, internals.PREPARE_HEADERS, None)
         assert method is not None and inspect.iscoroutinefunction(method), (response_class, internals.PREPARE_HEADERS)
+
+
+def test_the_app_imports_and_skips_the_open_files_step_where_resource_does_not_exist():
+    # Windows has no `resource` module: importing the app must work there, and the limit step is skipped.
+    import subprocess
+    import sys
+
+    script = (
+        "import sys, psutil\n"  # psutil's Linux part needs `resource`; its Windows part does not
+        "sys.modules['resource'] = None\n"
+        "import proxy.app\n"
+        "proxy.app.raise_open_file_limit()\n"
+        "print('imported')\n"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, timeout=60, cwd=Path(__file__).parent.parent
+    )
+    assert (result.returncode, result.stdout, result.stderr) == (0, "imported\n", "")

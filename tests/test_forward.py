@@ -177,9 +177,10 @@ def test_connections_to_the_upstream_are_reused(start_proxy, upstream):
     assert len({seen.peer for seen in upstream.seen}) == 1
 
 
-async def test_a_1_gib_download_streams_byte_for_byte_in_bounded_memory(start_proxy, upstream):
+async def test_a_256_mib_download_streams_byte_for_byte_in_bounded_memory(start_proxy, upstream):
+    # 256 MiB is enough: anything that held the body whole would pass the memory bound.
     proxy = start_proxy()
-    size = 1024 * MiB
+    size = 256 * MiB
     digest = hashlib.sha256()
     received = 0
     async with aiohttp.ClientSession(auto_decompress=False) as client:
@@ -195,24 +196,27 @@ async def test_a_1_gib_download_streams_byte_for_byte_in_bounded_memory(start_pr
     assert proxy.peak_rss_mib() < 150
 
 
-async def test_a_512_mib_chunked_upload_streams_byte_for_byte_in_bounded_memory(start_proxy, upstream):
+@pytest.mark.parametrize("sized", [False, True], ids=["chunked", "content-length"])
+async def test_a_256_mib_upload_streams_byte_for_byte_in_bounded_memory(start_proxy, upstream, sized):
+    # Only a body small enough to replay after a 401 is held; one that states a large size streams too.
     proxy = start_proxy()
     digest = hashlib.sha256()
 
     async def body():  # noqa: ANN202
-        for _ in range(512):
+        for _ in range(256):
             digest.update(BLOCK)
             yield BLOCK
 
+    headers = {"Content-Type": "application/dicom"}
+    if sized:
+        headers["Content-Length"] = str(256 * MiB)
     async with aiohttp.ClientSession() as client:
-        async with client.post(
-            f"{proxy.url}/echo/v2/studies", data=body(), headers={"Content-Type": "application/dicom"}
-        ) as response:
+        async with client.post(f"{proxy.url}/echo/v2/studies", data=body(), headers=headers) as response:
             assert response.status == 200
             echoed = await response.json()
-    assert echoed["body_length"] == 512 * MiB
+    assert echoed["body_length"] == 256 * MiB
     assert echoed["body_sha256"] == digest.hexdigest()
-    assert "Content-Length" not in dict(echoed["headers"])
+    assert dict(echoed["headers"]).get("Content-Length") == headers.get("Content-Length")
     assert proxy.peak_rss_mib() < 150
 
 
@@ -337,11 +341,11 @@ async def test_https_proxy_from_the_environment_is_used(start_proxy, upstream, p
 def test_a_client_that_goes_silent_is_cut_after_the_read_timeout(start_proxy, upstream, request_bytes):
     import time
 
-    proxy = start_proxy("--read-timeout", "2")
+    proxy = start_proxy("--read-timeout", "0.5")
     started = time.monotonic()
-    answer = raw_exchange(proxy.port, request_bytes)
-    waited = time.monotonic() - started
-    assert 1.5 < waited < 10, waited
+    answer = raw_exchange(proxy.port, request_bytes)  # fails after 10 s if the proxy never cuts
+    # Not before the read timeout; how long after it is up to a busy machine, and the 408 says why.
+    assert time.monotonic() - started >= 0.5
     assert answer.startswith(b"HTTP/1.1 408"), answer
     assert json.loads(answer.partition(b"\r\n\r\n")[2])["error"] == "request_timeout"
     assert get(proxy.url, "/echo/after")[0].status == 200
@@ -350,7 +354,7 @@ def test_a_client_that_goes_silent_is_cut_after_the_read_timeout(start_proxy, up
 def test_many_stalled_uploads_are_all_cut_and_memory_comes_back(start_proxy, upstream):
     import socket
 
-    proxy = start_proxy("--read-timeout", "2")
+    proxy = start_proxy("--read-timeout", "0.5")
     head = b"POST /echo/stalled HTTP/1.1\r\nHost: localhost\r\nContent-Length: 5000000\r\n\r\n"
     sockets = [socket.create_connection(("127.0.0.1", proxy.port), timeout=15) for _ in range(100)]
     try:
@@ -459,7 +463,7 @@ def test_a_client_that_stops_reading_a_download_is_cut_after_the_read_timeout(st
     import socket
     import time
 
-    proxy = start_proxy("--read-timeout", "2")
+    proxy = start_proxy("--read-timeout", "0.5")
     with socket.create_connection(("127.0.0.1", proxy.port), timeout=30) as sock:
         sock.sendall(b"GET /bytes/209715200 HTTP/1.1\r\nHost: localhost\r\n\r\n")
         sock.recv(1024)  # the answer has started; now the client reads nothing more
@@ -591,3 +595,22 @@ def test_a_gzip_answer_that_inflates_to_1000_mib_never_freezes_other_clients(sta
     # A loop frozen by inflating it whole made a probe wait 5-10 s; a busy machine answers one in milliseconds.
     assert max(waits) < 2.0, waits
     assert proxy.peak_rss_mib() < 100
+
+
+async def test_a_1_mib_upload_that_meets_a_401_is_sent_again_with_a_fresh_token(start_proxy, upstream, az):
+    # 1 MiB is the default replay limit: a body that size is held, so a refused token costs no failed upload.
+    proxy = start_proxy()
+    body = pattern(MiB)
+    async with aiohttp.ClientSession() as client:
+        async with client.get(f"{proxy.url}/echo/warm") as response:
+            assert response.status == 200
+        first = az.issued_tokens()[0]
+        upstream.revoked.add(first)
+        async with client.post(f"{proxy.url}/echo/v2/studies", data=body) as response:
+            assert response.status == 200
+            echoed = await response.json()
+    assert echoed["body_sha256"] == hashlib.sha256(body).hexdigest()
+    assert [seen.header("Authorization") for seen in upstream.seen[1:]] == [
+        f"Bearer {first}",
+        f"Bearer {az.issued_tokens()[1]}",
+    ]

@@ -150,7 +150,7 @@ def test_sigterm_lets_in_flight_requests_finish(start_proxy, upstream):
 def test_the_grace_period_bounds_the_wait(start_proxy, upstream):
     import time
 
-    proxy = start_proxy("--shutdown-grace", "3")
+    proxy = start_proxy("--shutdown-grace", "1")
     failures: list[type] = []
 
     def slow_request() -> None:
@@ -165,8 +165,10 @@ def test_the_grace_period_bounds_the_wait(start_proxy, upstream):
     signalled = time.monotonic()
     proxy.process.send_signal(signal.SIGINT)
     assert proxy.process.wait(20) == 0
-    # The grace once, not twice (aiohttp's own shutdown would wait it again after cancelling).
-    assert time.monotonic() - signalled < 5.5
+    assert time.monotonic() - signalled >= 1.0, "the request had its grace"
+    # The grace once, cut by the proxy (aiohttp's own shutdown would wait it again after cancelling, and
+    # no line would say so); a bound on the time would flake on a busy machine.
+    assert "requests still in flight after --shutdown-grace 1s are cut" in proxy.output()
     slow.join(30)
     assert failures, "the request cut by shutdown must fail, not succeed"
 
@@ -223,10 +225,24 @@ def test_logged_paths_cannot_forge_lines_or_carry_terminal_escapes(start_proxy, 
     assert upstream.seen[0].raw_path == path, "the path itself is forwarded as it came"
 
 
-def test_the_open_files_limit_is_raised_to_the_hard_limit(start_proxy, upstream):
-    proxy = start_proxy()
-    limits = Path(f"/proc/{proxy.process.pid}/limits").read_text()
-    soft, hard = next(line for line in limits.splitlines() if line.startswith("Max open files")).split()[3:5]
+def test_the_open_files_limit_is_raised_to_the_hard_limit(upstream, proxy_env, ca_bundle, tmp_path):
+    import shutil
+
+    from .conftest import ProxyProcess, free_port
+
+    prlimit = shutil.which("prlimit")
+    assert prlimit, "prlimit (util-linux) is required by this test"
+    port = free_port()
+    arguments = ["serve", "--upstream", upstream.url, "--listen", f"127.0.0.1:{port}", "--ca-bundle", str(ca_bundle)]
+    # Started with a soft limit below the hard one (prlimit execs the proxy, so the pid is the proxy's).
+    proxy = ProxyProcess(arguments, proxy_env, tmp_path / "proxy.log", port, prefix=[prlimit, "--nofile=64:", "--"])
+    try:
+        proxy.wait_listening()
+        limits = Path(f"/proc/{proxy.process.pid}/limits").read_text()
+        soft, hard = next(line for line in limits.splitlines() if line.startswith("Max open files")).split()[3:5]
+    finally:
+        proxy.stop()
+    assert hard != "64", "the hard limit is above the lowered soft one"
     assert soft == hard
 
 
@@ -262,7 +278,7 @@ async def test_a_client_that_goes_away_mid_answer_still_gets_an_access_line(star
 
 
 def test_a_client_silent_before_its_request_ends_gets_an_access_line(start_proxy, upstream):
-    proxy = start_proxy("--read-timeout", "1")
+    proxy = start_proxy("--read-timeout", "0.5")
     answer = raw_exchange(proxy.port, b"GET /echo/x HTTP/1.1\r\nHost: loc")
     assert answer.startswith(b"HTTP/1.1 408")
     wait_for(lambda: '"- -" 408' in proxy.output(), what="the access line of the 408")
