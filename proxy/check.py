@@ -82,22 +82,8 @@ async def _check_token(settings: Settings, findings: list[Finding], which: Calla
         findings.append(_signin_failure(settings, error.message or str(error)))
         return None
     findings.append(Finding(True, "signed in", f"the {settings.credential} credential gave a token"))
-
     claims = token_claims(info.token)
-    audience = str(claims.get("aud", "")).rstrip("/")
-    if audience != settings.audience.rstrip("/"):
-        findings.append(
-            Finding(
-                False,
-                "audience",
-                f"the token is for {audience or 'an unknown audience'}, not {settings.audience}",
-                "use --audience https://dicom.healthcareapis.azure.com (the DICOM service's audience)",
-            )
-        )
-    elif settings.audience_warning:
-        findings.append(Finding(True, "audience", settings.audience_warning, warning=True))
-    else:
-        findings.append(Finding(True, "audience", audience))
+    findings.append(_audience(settings, str(claims.get("aud", "")).rstrip("/")))
     tenant = str(claims.get("tid", ""))
     if settings.tenant and tenant and settings.tenant != tenant:
         findings.append(Finding(False, "identity", describe_identity(claims), f"sign in to tenant {settings.tenant}"))
@@ -110,6 +96,20 @@ async def _check_token(settings: Settings, findings: list[Finding], which: Calla
     else:
         findings.append(Finding(True, "expiry", f"the token {when}"))
     return info.token
+
+
+def _audience(settings: Settings, audience: str) -> Finding:
+    """The token's audience against the one asked for, then the one asked for against the DICOM service's."""
+    if audience != settings.audience.rstrip("/"):
+        return Finding(
+            False,
+            "audience",
+            f"the token is for {audience or 'an unknown audience'}, not {settings.audience}",
+            "use --audience https://dicom.healthcareapis.azure.com (the DICOM service's audience)",
+        )
+    if settings.audience_warning:
+        return Finding(True, "audience", settings.audience_warning, warning=True)
+    return Finding(True, "audience", audience)
 
 
 def _signin_failure(settings: Settings, message: str) -> Finding:
