@@ -188,5 +188,8 @@ def _from_file(option: Option, value: Any, where: str) -> Any:
     if isinstance(value, str) and option.kind == "list":
         return _from_text(option, value)
     if not expected[option.kind](value):
-        raise ConfigurationError(f"{where}: key {option.name} must be a {option.kind}, got {value!r}")
+        kind = {"bool": "true or false", "list": "a list of strings", "float": "a number", "int": "a whole number"}
+        raise ConfigurationError(
+            f"{where}: key {option.name} must be {kind.get(option.kind, 'a string')}, got {value!r}"
+        )
     return value

@@ -51,7 +51,7 @@ BAD_VALUES = [
     ([], {}, "read_timeout = nan\n", "--read-timeout: expected a number"),
     ([], {}, "shutdown_grace = -inf\n", "--shutdown-grace: must be more than 0"),
     ([], {}, "connect_timeout = inf\n", "--connect-timeout: must be more than 0 and at most"),
-    ([], {}, "workers = 1.5\n", "key workers must be a int"),
+    ([], {}, "workers = 1.5\n", "key workers must be a whole number"),
     ([], {}, "rewrite_limit_mib = 1e305\n", "--rewrite-limit: must be more than 0 and at most"),
     # URLs: one parser for --upstream, --audience, --cors-origin and HTTPS_PROXY
     (["--cors-origin", "http://[::1"], {}, None, "--cors-origin: 'http://[::1' is not a URL"),

@@ -171,7 +171,7 @@ def test_bad_config_files_are_named(tmp_path, capsys):
     wrong_type = tmp_path / "wrong.toml"
     wrong_type.write_text('upstream = "https://ws.example"\nread_only = "yes"\n')
     assert main(["serve", "--config", str(wrong_type)]) == 2
-    assert "key read_only must be a bool" in capsys.readouterr().err
+    assert "key read_only must be true or false" in capsys.readouterr().err
 
 
 def test_https_proxy_is_chosen_once_and_no_proxy_is_honoured():
