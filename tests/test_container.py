@@ -87,14 +87,13 @@ def build_lock() -> Iterator[None]:
 def base_image(workdir: Path) -> str:
     """The debootstrap base, tagged by its command line, made only when podman does not hold it yet."""
     tag = f"{BASE_REPOSITORY}:bookworm-{content_key(*DEBOOTSTRAP)}"
-    if image_exists(tag):
-        return tag
-    rootfs = workdir / "rootfs"
-    run(*DEBOOTSTRAP, str(rootfs))
-    with subprocess.Popen(["tar", "-C", str(rootfs), "-c", "."], stdout=subprocess.PIPE) as tar:
-        imported = subprocess.run(["podman", "import", "-", tag], stdin=tar.stdout, capture_output=True)
-    assert tar.returncode == 0 and imported.returncode == 0, imported.stderr.decode()[-2000:]
-    shutil.rmtree(rootfs, ignore_errors=True)
+    if not image_exists(tag):
+        rootfs = workdir / "rootfs"
+        run(*DEBOOTSTRAP, str(rootfs))
+        with subprocess.Popen(["tar", "-C", str(rootfs), "-c", "."], stdout=subprocess.PIPE) as tar:
+            imported = subprocess.run(["podman", "import", "-", tag], stdin=tar.stdout, capture_output=True)
+        assert tar.returncode == 0 and imported.returncode == 0, imported.stderr.decode()[-2000:]
+        shutil.rmtree(rootfs, ignore_errors=True)
     remove_stale_tags(BASE_REPOSITORY, keep=tag)
     return tag
 
