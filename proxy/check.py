@@ -20,14 +20,13 @@ from azure.core.credentials import TokenRequestOptions
 from azure.core.exceptions import AzureError
 
 from .credentials import build_credential
-from .errors import ConfigurationError, loggable
+from .errors import ConfigurationError
 from .session import upstream_session
 from .settings import Settings
-from .tokens import describe_identity, expiry_text, first_line, token_claims
+from .tokens import describe_identity, expiry_text, failure_reason, token_claims
 
 _DESCRIPTION = re.compile(r'error_description="([^"]*)"')
 # azure-identity's AzureCliCredential, when az's output does not parse: "Unexpected output from Azure CLI: '...'."
-_UNEXPECTED_OUTPUT = re.compile(r"Unexpected output from Azure CLI: '(.*)'\. ?\n", re.DOTALL)
 ROLE_HINT = (
     "give the signed-in identity a DICOM role (DICOM Data Reader, or DICOM Data Owner to write) "
     "on the DICOM service in the Azure portal (Access control (IAM))"
@@ -113,19 +112,11 @@ def _audience(settings: Settings, audience: str) -> Finding:
 
 
 def _signin_failure(settings: Settings, message: str) -> Finding:
-    """What the credential said; az printing something that is not JSON is a broken az, not a signed-out one."""
-    printed = _UNEXPECTED_OUTPUT.search(message)
-    if printed is not None:
-        output = printed.group(1).strip().splitlines()
-        shown = output[0].replace("\\", "\\\\").replace('"', '\\"') if output else ""
-        return Finding(
-            False,
-            "signed in",
-            f'az printed something that is not a token: "{loggable(shown, 120)}"' if output else "az printed nothing",
-            "run 'az upgrade', or reinstall the Azure CLI if that fails",
-        )
-    fix = "run 'az login'" if settings.credential == "cli" else f"check the {settings.credential} credential"
-    return Finding(False, "signed in", first_line(message), fix)
+    """What the credential said, and its fix: `az login`, unless az itself is broken (tokens.failure_reason)."""
+    reason, fix = failure_reason(message)
+    if fix is None:
+        fix = "run 'az login'" if settings.credential == "cli" else f"check the {settings.credential} credential"
+    return Finding(False, "signed in", reason, fix)
 
 
 async def _check_upstream(settings: Settings, findings: list[Finding], token: str | None) -> None:

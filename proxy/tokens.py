@@ -16,6 +16,7 @@ import contextlib
 import json
 import logging
 import math
+import re
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
@@ -27,7 +28,7 @@ from azure.core.credentials_async import AsyncSupportsTokenInfo
 from azure.core.exceptions import AzureError
 from cachetools import TLRUCache
 
-from .errors import TokenRefused, TokenUnavailable
+from .errors import TokenRefused, TokenUnavailable, loggable
 
 logger = logging.getLogger("proxy.tokens")
 
@@ -246,7 +247,9 @@ class TokenSource:
         try:
             info = await self._credential.get_token_info(self._scope, options=options)
         except AzureError as exc:
-            raise self._failed(first_line(exc.message or str(exc)), started) from exc
+            reason, fix = failure_reason(exc.message or str(exc))
+            hint = f"The Azure CLI seems broken: {fix}; then run 'dicom-auth-proxy check'." if fix else None
+            raise self._failed(reason, started, hint=hint) from exc
         except Exception as exc:  # noqa: BLE001 - any failure must back off, never end the refresher
             raise self._failed(f"{type(exc).__name__}: {first_line(str(exc))}", started) from exc
         now = self._clock()
@@ -317,3 +320,24 @@ class TokenSource:
 def first_line(message: str) -> str:
     """azure-identity appends troubleshooting links on later lines; one line reads better in a log."""
     return message.strip().splitlines()[0] if message.strip() else "unknown error"
+
+
+# azure-identity's words when `az` printed something that is not its JSON (a broken or half-upgraded CLI).
+_UNEXPECTED_OUTPUT = re.compile(r"Unexpected output from Azure CLI: '(.*)'\. ?\n", re.DOTALL)
+BROKEN_CLI_FIX = "run 'az upgrade', or reinstall the Azure CLI if that fails"
+
+
+def failure_reason(message: str) -> tuple[str, str | None]:
+    """A credential's failure in one line, and the fix when it is not `az login` (for serve and check alike).
+
+    A CLI that prints something other than a token is broken, not signed out: what it printed is shown
+    (its first line, escaped, in balanced quotes) with `az upgrade` as the fix.
+    """
+    printed = _UNEXPECTED_OUTPUT.search(message)
+    if printed is None:
+        return first_line(message), None
+    output = printed.group(1).strip().splitlines()
+    if not output:
+        return "az printed nothing", BROKEN_CLI_FIX
+    shown = output[0].replace("\\", "\\\\").replace('"', '\\"')
+    return f'az printed something that is not a token: "{loggable(shown, 120)}"', BROKEN_CLI_FIX
