@@ -8,6 +8,7 @@ so that the Settings field's own default applies (defaults are written once, on 
 from __future__ import annotations
 
 import ipaddress
+import os
 import re
 import socket
 from collections.abc import Mapping
@@ -76,8 +77,11 @@ def _numbers(raw: Mapping[str, Any]) -> dict[str, Any]:
         found[name] = values.number(raw[name], str(item.flag), whole=item.kind == "int", low=low, high=high)
     if "workers" in found:
         found["workers"] = int(found["workers"])
-        if found["workers"] > 1 and not hasattr(socket, "SO_REUSEPORT"):
-            raise ConfigurationError("--workers: more than 1 needs SO_REUSEPORT, which this platform lacks")
+        if found["workers"] > 1 and not (hasattr(socket, "SO_REUSEPORT") and hasattr(os, "fork")):
+            raise ConfigurationError(
+                "--workers: more than 1 needs SO_REUSEPORT and fork, which this platform (Windows, for one) "
+                "lacks; run one process (--workers 1, the default)"
+            )
     if "rewrite_limit_mib" in found:
         found["rewrite_limit"] = int(found.pop("rewrite_limit_mib") * 1024 * 1024)
     return found
