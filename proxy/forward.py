@@ -28,7 +28,7 @@ from .errors import (
     UpstreamUnreachable,
     loggable,
 )
-from .headers import client_response_headers, upstream_request_headers
+from .headers import client_response_headers, split_host, upstream_request_headers
 from .internals import AsSentResponse, AsSentStreamResponse
 from .logs import SENT_BEFORE_CUT
 from .rewrite import (
@@ -79,14 +79,15 @@ def local_origin(request: web.BaseRequest) -> str:
     Some clients send a Host without the port (dicomweb-client does, on non-default ports); links built
     from it would point at port 80, so the port the connection arrived on fills the gap.
     """
-    host = request.host.removesuffix(":")  # "localhost:" is a Host with an empty port
-    name, colon, port = host.rpartition(":")
-    # "[::1]" ends in a colon-free "1]": only digits after a colon outside the brackets are a port.
-    has_port = bool(colon) and port.isdigit() and (not name.startswith("[") or name.endswith("]"))
-    if not has_port and request.transport is not None:
-        sockname = request.transport.get_extra_info("sockname")
-        if sockname and sockname[1] not in (80, 443):
-            host = f"{host}:{sockname[1]}"
+    host = request.host
+    split = split_host(host)
+    if split is not None:
+        name, port = split
+        host = f"{name}:{port}" if port else name  # "localhost:" is a Host with an empty port
+        if not port and request.transport is not None:
+            sockname = request.transport.get_extra_info("sockname")
+            if sockname and sockname[1] not in (80, 443):
+                host = f"{name}:{sockname[1]}"
     return f"{request.scheme}://{host}"
 
 

@@ -19,6 +19,7 @@ from aiohttp import web
 from multidict import CIMultiDict
 
 from .errors import AccessKeyRequired, HostNotAllowed, PolicyRefused, RequestRefused
+from .headers import split_host
 from .settings import Settings
 
 logger = logging.getLogger("proxy.guard")
@@ -66,22 +67,12 @@ class HostAllowlist(Policy):
     def __init__(self, allowed: tuple[str, ...]) -> None:
         self._allowed = frozenset(name.lower() for name in allowed)
 
-    @staticmethod
-    def _split(host_header: str) -> tuple[str, str]:
-        host = host_header.lower()
-        if host.startswith("["):
-            name, _, rest = host.partition("]")
-            return name + "]", rest.removeprefix(":")
-        name, _, port = host.partition(":")
-        return name, port
-
     def allows(self, host_header: str | None, *, addresses: bool = False) -> bool:
         """Whether the Host is listed; with `addresses`, any IP address too (no DNS name can rebind to it)."""
-        if not host_header:
+        split = split_host(host_header.lower()) if host_header else None
+        if split is None:
             return False
-        name, port = self._split(host_header)
-        if port != "" and not port.isdigit():
-            return False
+        name, _ = split
         if name in self._allowed:
             return True
         if addresses:

@@ -39,6 +39,22 @@ REPLACED_ON_THE_WAY_UP = frozenset(
 Headers = CIMultiDictProxy[str] | CIMultiDict[str]
 
 
+def split_host(host: str) -> tuple[str, str] | None:
+    """A Host value's name and port ('' when it names none, or an empty one); None when it is not
+    `name[:port]`. An IPv6 name keeps its brackets. The one parser for the allowlist and for the links
+    built from the Host, so they can never disagree about which host a value names."""
+    if host.startswith("["):
+        end = host.find("]")
+        if end < 0 or (end + 1 < len(host) and host[end + 1] != ":"):
+            return None
+        name, port = host[: end + 1], host[end + 2 :]
+    else:
+        name, _, port = host.partition(":")
+    if not name or (port and not (port.isascii() and port.isdigit())):
+        return None
+    return name, port
+
+
 def connection_tokens(headers: Headers) -> set[str]:
     """Header names listed in Connection, which are hop-by-hop for this one connection (RFC 9110 7.6.1)."""
     names: set[str] = set()

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from hypothesis import given
+from hypothesis import assume, given
 from hypothesis import strategies as st
 from multidict import CIMultiDict
 
@@ -11,6 +11,7 @@ from proxy.headers import (
     HOP_BY_HOP,
     client_response_headers,
     connection_tokens,
+    split_host,
     upstream_request_headers,
 )
 
@@ -84,3 +85,35 @@ def test_url_override_headers_never_go_up():
     names = {name.lower() for name in forward(incoming)}
     assert names.isdisjoint({"x-original-url", "x-rewrite-url", "x-http-method-override"})
     assert "accept" in names
+
+
+# Host:port, parsed once for the allowlist and for the links built from it ------------------------------
+
+HOST_NAMES = st.one_of(
+    st.from_regex(r"[a-z0-9]([a-z0-9-]{0,20}[a-z0-9])?(\.[a-z0-9]{1,10}){0,3}", fullmatch=True),
+    st.ip_addresses(v=4).map(str),
+    st.ip_addresses(v=6).map(lambda address: f"[{address}]"),
+)
+PORTS = st.one_of(st.none(), st.just(""), st.integers(0, 65535).map(str))
+
+
+@given(HOST_NAMES, PORTS)
+def test_split_host_gives_back_the_name_and_port_it_was_made_of(name, port):
+    host = name if port is None else f"{name}:{port}"
+    assert split_host(host) == (name, port or "")
+
+
+@given(st.text(alphabet="[]:.a1-%@ ", max_size=12))
+def test_split_host_either_refuses_a_value_or_splits_it_exactly(text):
+    split = split_host(text)
+    assume(split is not None)
+    name, port = split
+    assert text in (name, f"{name}:{port}")
+    assert port == "" or (port.isascii() and port.isdigit())
+    assert name and (name.startswith("[") or ":" not in name)
+    assert not name.startswith("[") or (name.endswith("]") and name.count("]") == 1)
+
+
+def test_split_host_refuses_what_is_no_host_and_port():
+    for text in ("", ":8080", "[::1", "[::1]x", "::1", "a:b:c", "localhost:8o", "localhost:²"):
+        assert split_host(text) is None, text
