@@ -8,6 +8,10 @@ from __future__ import annotations
 
 from aiohttp import web
 
+# RequestHandler's slots the client connection reads: whether a request is being handled (no silence
+# then), and how many requests the connection has had (a 408 only before the first).
+REQUEST_HANDLER_SLOTS = ("_request_in_progress", "_request_count")
+
 # StreamResponse._prepare_headers: where aiohttp adds `Content-Type: application/octet-stream` to an answer
 # that has a body and no type (RFC 9110 8.3 allows a body without one; the recipient may then sniff).
 PREPARE_HEADERS = "_prepare_headers"

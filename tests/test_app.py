@@ -118,6 +118,7 @@ def test_the_aiohttp_internals_the_proxy_relies_on_exist():
 
     from proxy import internals
 
+    assert set(internals.REQUEST_HANDLER_SLOTS) <= set(web.RequestHandler.__slots__)
     for response_class in (web.StreamResponse, web.Response):
         method = getattr(response_class, internals.PREPARE_HEADERS, None)
         assert method is not None and inspect.iscoroutinefunction(method), (response_class, internals.PREPARE_HEADERS)
