@@ -4,7 +4,8 @@ It answers `az account get-access-token --output json --resource R [--tenant T]`
 does, driven by state.json beside it, and appends each call to calls.log (and its pid to pids.log) so
 tests can count them and find any left running.
 state.json keys: mode (ok | logged_out | fail | garbage | hang), delay (seconds), lifetime (seconds),
-audience (overrides the resource in the token's aud claim), tenant, token (hand out exactly this token).
+audience (overrides the resource in the token's aud claim), tenant, token (hand out exactly this token),
+message (what logged_out and fail print).
 """
 
 import base64
@@ -33,10 +34,11 @@ def main() -> int:
     if mode == "hang":
         time.sleep(3600)
     if mode == "logged_out":
-        print("ERROR: Please run 'az login' to setup account.", file=sys.stderr)
+        print(state.get("message", "ERROR: Please run 'az login' to setup account."), file=sys.stderr)
         return 1
     if mode == "fail":
-        print("ERROR: AADSTS700082: The refresh token has expired due to inactivity.", file=sys.stderr)
+        message = state.get("message", "ERROR: AADSTS700082: The refresh token has expired due to inactivity.")
+        print(message, file=sys.stderr)
         return 1
     if mode == "garbage":
         print("this is not json")

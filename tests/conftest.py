@@ -282,6 +282,17 @@ def start_proxy(tmp_path: Path, proxy_env: dict[str, str], upstream: Upstream, c
         assert not leaked, "a token appeared in the proxy's output"
 
 
+@pytest.fixture(scope="session")
+def orthanc(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """One Orthanc for the session, on loopback, admitting only ORTHANC_TOKEN; yields its base URL."""
+    from .orthanc import Orthanc
+
+    server = Orthanc(tmp_path_factory.mktemp("orthanc"), free_port())
+    server.wait_answering()
+    yield server.url
+    server.stop()
+
+
 @pytest.fixture
 def curl() -> str:
     path = shutil.which("curl")

@@ -19,20 +19,11 @@ import pytest
 import requests
 from dicomweb_client import DICOMwebClient
 
-from .conftest import free_port
-from .orthanc import ORTHANC_TOKEN, Orthanc
+from .orthanc import ORTHANC_TOKEN
 
 TEST_FILES = Path(pydicom.data.__file__).parent / "test_files"
 # Local files only: asking pydicom for one it does not ship would try to download it.
 STORED = ["CT_small.dcm", "MR_small.dcm", "SC_rgb_small_odd.dcm", "rtdose.dcm", "rtplan.dcm"]
-
-
-@pytest.fixture(scope="session")
-def orthanc(tmp_path_factory: pytest.TempPathFactory):  # noqa: ANN201
-    server = Orthanc(tmp_path_factory.mktemp("orthanc"), free_port())
-    server.wait_answering()
-    yield server.url
-    server.stop()
 
 
 @pytest.fixture
