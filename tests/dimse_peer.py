@@ -4,6 +4,8 @@ as `python -m tests.dimse_peer COMMAND ...`, it prints one JSON object.
   store-concurrently PORT N FILE...   N associations at once, each storing every FILE; their statuses
   cancel-get PORT STUDY               C-GET of a study, C-CANCEL after the first pending response
   cancel-move PORT STUDY DESTINATION  the same with C-MOVE
+  get-refusing PORT N STUDY...        C-GET of the studies, offering CT and Secondary Capture uncompressed only,
+                                      its C-STORE handler refusing the first N instances with 0xA700
   forbidding-service PORT             an HTTP service that answers 403 to everything (runs until killed)
 """
 
@@ -16,9 +18,11 @@ import threading
 from typing import Any
 
 from pydicom import Dataset, dcmread
+from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
 from pynetdicom import AE, build_role, evt
 from pynetdicom.sop_class import (
     CTImageStorage,
+    SecondaryCaptureImageStorage,
     StudyRootQueryRetrieveInformationModelGet,
     StudyRootQueryRetrieveInformationModelMove,
 )
@@ -112,6 +116,39 @@ def cancel_move(port: int, study: str, destination: str) -> dict[str, Any]:
     )
 
 
+def get_refusing(port: int, refuse: int, studies: list[str]) -> dict[str, Any]:
+    refused: list[str] = []
+    stored: list[str] = []
+
+    def store(event: Any) -> int:
+        uid = str(event.dataset.SOPInstanceUID)
+        if len(refused) < refuse:
+            refused.append(uid)
+            return 0xA700
+        stored.append(uid)
+        return 0x0000
+
+    ae = AE(ae_title="PEERGET")
+    ae.add_requested_context(StudyRootQueryRetrieveInformationModelGet)
+    roles = []
+    for storage in (CTImageStorage, SecondaryCaptureImageStorage):
+        ae.add_requested_context(storage, [ImplicitVRLittleEndian, ExplicitVRLittleEndian])
+        roles.append(build_role(storage, scp_role=True))
+    assoc = ae.associate("127.0.0.1", port, ae_title=CALLED, ext_neg=roles, evt_handlers=[(evt.EVT_C_STORE, store)])
+    assert assoc.is_established
+    identifier = _identifier("\\".join(studies))
+    final: Dataset = Dataset()
+    failed: list[str] = []
+    for status, answer in assoc.send_c_get(identifier, StudyRootQueryRetrieveInformationModelGet):
+        final = status
+        if answer is not None and "FailedSOPInstanceUIDList" in answer:
+            value = answer.FailedSOPInstanceUIDList
+            failed = [str(uid) for uid in ([value] if isinstance(value, str) else value)]
+    assoc.release()
+    counts = {key: int(final.get(key, -1)) for key in ("NumberOfFailedSuboperations", "NumberOfCompletedSuboperations")}
+    return {"status": int(final.get("Status", -1)), "failed": failed, "refused": refused, "stored": stored, **counts}
+
+
 class _Forbidding(http.server.BaseHTTPRequestHandler):
     """A DICOM service that refuses every request with 403, as one does for a study the caller may not read."""
 
@@ -138,6 +175,8 @@ def main(argv: list[str]) -> int:
         result = store_concurrently(port, int(argv[2]), argv[3:])
     elif command == "cancel-get":
         result = cancel_get(port, argv[2])
+    elif command == "get-refusing":
+        result = get_refusing(port, int(argv[2]), argv[3:])
     elif command == "cancel-move":
         result = cancel_move(port, argv[2], argv[3])
     else:

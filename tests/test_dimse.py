@@ -13,6 +13,7 @@ import os
 import re
 import subprocess
 import sys
+from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -317,6 +318,45 @@ def test_getscu_brings_instances_back_byte_identical_in_their_stored_transfer_sy
     assert re.search(r"C-GET from TESTSCU: 2 not sent: the requester accepts no JPEG", log), log[-3000:]
     assert "Unable to determine the presentation context" not in log
     assert "C-STORE sub-operation failed" not in log
+
+
+def operations_counted(world: World, proxy: ProxyProcess, operation: str) -> Counter[str]:
+    """The gateway's dicom_proxy_dimse_operations_total for `operation`, by status."""
+    metrics = world.http(f"{proxy.url}/-/metrics")
+    pattern = rf'dicom_proxy_dimse_operations_total\{{operation="{operation}",status="([^"]+)"\}} (\S+)'
+    return Counter({status: int(float(count)) for status, count in re.findall(pattern, metrics)})
+
+
+def test_c_stores_the_requester_refuses_are_in_the_final_status_the_failed_list_the_log_and_the_metrics(
+    world, gateway, stored
+):
+    """pynetdicom as the C-GET requester refuses its first C-STOREs (0xA700). It is told 0xB000 (0xA702 when every
+    sub-operation failed) with every failed UID, those the gateway held back (JPEG, which it does not accept)
+    and those it refused alike; the gateway's log line and metrics say the status it was told."""
+    ct, jpeg = (pydicom.dcmread(TEST_FILES / name) for name in ("CT_small.dcm", "SC_rgb_jpeg_dcmtk.dcm"))
+    held_back = sorted(uid for uid, dataset in originals().items() if dataset.StudyInstanceUID == jpeg.StudyInstanceUID)
+    assert len(held_back) == 2
+    port = str(gateway.dimse_port)  # type: ignore[attr-defined]
+    before_log, before = len(gateway.output()), operations_counted(world, gateway, "C-GET")
+    failed = set()
+    for refuse, studies, held, status in (
+        (1, [ct.StudyInstanceUID], [], 0xB000),  # refusals only, nothing held back
+        (1, [ct.StudyInstanceUID, jpeg.StudyInstanceUID], held_back, 0xB000),  # both
+        (2, [ct.StudyInstanceUID, jpeg.StudyInstanceUID], held_back, 0xA702),  # every sub-operation failed
+    ):
+        got = world.python("get-refusing", port, str(refuse), *studies)
+        assert got["status"] == status and len(got["refused"]) == refuse, got
+        assert sorted(got["failed"]) == sorted([*got["refused"], *held]), got
+        assert got["NumberOfFailedSuboperations"] == refuse + len(held), got
+        assert got["NumberOfCompletedSuboperations"] == len(got["stored"]) == 2 - refuse, got
+        failed |= set(got["failed"])
+    log = gateway.output()[before_log:]
+    assert re.findall(r" PEERGET C-GET STUDY count=\d+ status=(\S+)", log) == ["0xB000", "0xB000", "0xA702"], log
+    assert log.count("refused by the requester: 0xA700") == 3, log
+    counted = operations_counted(world, gateway, "C-GET")
+    counted.subtract(before)
+    assert +counted == Counter({"0xB000": 2, "0xA702": 1}), counted
+    assert not [uid for uid in failed if uid in log], log
 
 
 def test_movescu_sends_every_instance_on_one_association_with_pending_counts(world, gateway, stored):

@@ -4,15 +4,15 @@ association (`get`), or on one new association to the configured destination (`m
 
 Both speak pynetdicom's generator protocol (PS3.4 C.4.2, C.4.3): the count, pending (status, instance) pairs,
 then a final status when something failed. Instances that cannot be sent are decided before sending and never
-handed over: they are counted as failed sub-operations by the final status, with their UIDs in its Failed SOP
-Instance UID List, and one gateway line says why. `Operation.answer` records each final status as the peer is
-told it, so the log and the metrics say the same.
+handed over; those the receiving side refuses are seen as it answers each C-STORE (proxy/dimse/suboperations.py).
+Both are failed sub-operations of the final status, with their UIDs in its Failed SOP Instance UID List, and
+gateway lines say why. `Operation.answer` records each final status as the peer is told it, so the log and the
+metrics say the same.
 """
 
 from __future__ import annotations
 
 import contextlib
-from collections import Counter
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,23 +22,15 @@ from pydicom import Dataset, dcmread
 from pydicom.errors import InvalidDicomError
 from pydicom.filereader import read_file_meta_info
 from pydicom.uid import UID
-from pynetdicom import build_context
+from pynetdicom import build_context, evt
 from pynetdicom.presentation import PresentationContext
 
 from .bridge import LoopBridge
 from .client import DicomWebClient
 from .mapping import IdentifierError, InstanceRef, instance_ref, retrieval_for, retrieve_paths
 from .report import Operation, Report
-from .status import (
-    CANCEL,
-    MOVE_DESTINATION_UNKNOWN,
-    OUT_OF_RESOURCES_SUBOPERATIONS,
-    PENDING,
-    SUBOPERATIONS_COMPLETE_WITH_FAILURES,
-    SUCCESS,
-    Failure,
-    for_service,
-)
+from .status import CANCEL, MOVE_DESTINATION_UNKNOWN, SUCCESS, Failure, for_service
+from .suboperations import SubOperations
 from .syntaxes import UNCOMPRESSED, VERIFICATION
 
 # Values larger than this stay in the temporary file until pynetdicom encodes them for the C-STORE.
@@ -163,17 +155,20 @@ def _refuse(operation: Operation, report: Report, failure: Failure, destination:
     yield report.fail(operation, failure, for_service(operation.name, failure.status)), None
 
 
-def _finish(operation: Operation, report: Report, total: int, unsent: Counter[str], failed: list[str]) -> Any:
-    """The final (status, identifier) after the sub-operations, and the one line saying why some were not sent."""
-    if not failed:
-        operation.answer(SUCCESS)
-        return None
-    reasons = [f"{reason} ({count})" for reason, count in unsent.items()]
-    report.note(
-        operation, f"{len(failed)} not sent: " + (next(iter(unsent)) if len(unsent) == 1 else ", ".join(reasons))
-    )
-    status = OUT_OF_RESOURCES_SUBOPERATIONS if len(failed) == total else SUBOPERATIONS_COMPLETE_WITH_FAILURES
-    return operation.answer(status), _failed_list(failed)
+def _finish(
+    operation: Operation, report: Report, outcome: SubOperations, missing: list[str], cancelled: Cancelled
+) -> Iterator[Any]:
+    """The final (status, identifier) after the sub-operations, as pynetdicom counts them, and the lines saying
+    why some failed. Success is pynetdicom's own final answer, given when the handler ends without one."""
+    if cancelled():
+        yield operation.answer(CANCEL), _failed_list(outcome.failed)
+        return
+    outcome.hold_back(_NOT_SENT_BY_SERVICE, missing)
+    for line in outcome.reasons():
+        report.note(operation, line)
+    status = operation.answer(outcome.final())
+    if status != SUCCESS:
+        yield status, _failed_list(outcome.failed)
 
 
 def get(pipeline: Pipeline, event: Any, operation: Operation, report: Report) -> Iterator[Any]:
@@ -186,26 +181,20 @@ def get(pipeline: Pipeline, event: Any, operation: Operation, report: Report) ->
     yield from _count(operation, report, len(instances))
     if not instances:
         return
-    unsent: Counter[str] = Counter()
-    failed: list[str] = []
-    cancelled = Cancelled(event)
-    for fetched in pipeline.fetch(level, instances, cancelled):
-        reason = _refusal(event.assoc.accepted_contexts, fetched)
-        if reason is None:
-            yield PENDING, _dataset(fetched.path)
-        else:
-            unsent[reason] += 1
-            failed.append(fetched.sop_instance)
-        fetched.path.unlink()
-    if cancelled():
-        yield operation.answer(CANCEL), _failed_list(failed)
-        return
-    missing = pipeline.missing(instances)
-    if missing:
-        unsent[_NOT_SENT_BY_SERVICE] += len(missing)
-    final = _finish(operation, report, len(instances), unsent, failed + missing)
-    if final is not None:
-        yield final
+    outcome, cancelled = SubOperations(len(instances), "the requester"), Cancelled(event)
+    # The requester's answers to the C-STOREs arrive on its own association.
+    event.assoc.bind(evt.EVT_DIMSE_RECV, outcome.received)
+    try:
+        for fetched in pipeline.fetch(level, instances, cancelled):
+            reason = _refusal(event.assoc.accepted_contexts, fetched)
+            if reason is None:
+                yield from outcome.send(fetched.sop_instance, _dataset(fetched.path))
+            else:
+                outcome.hold_back(reason, [fetched.sop_instance])
+            fetched.path.unlink()
+    finally:
+        event.assoc.unbind(evt.EVT_DIMSE_RECV, outcome.received)
+    yield from _finish(operation, report, outcome, pipeline.missing(instances), cancelled)
 
 
 def move(pipeline: Pipeline, event: Any, operation: Operation, report: Report, host: str, port: int) -> Iterator[Any]:
@@ -218,8 +207,10 @@ def move(pipeline: Pipeline, event: Any, operation: Operation, report: Report, h
         files = list(pipeline.fetch(level, instances, cancelled))
     except Failure as error:
         failure = error
-    # pynetdicom opens the association after the count; a failure still needs a destination to yield.
-    yield host, port, {"contexts": _contexts(files)}
+    outcome = SubOperations(len(instances), "the destination")
+    # pynetdicom opens the association after the count; a failure still needs a destination to yield. The
+    # destination's answers to the C-STOREs arrive on that association.
+    yield host, port, {"contexts": _contexts(files), "evt_handlers": [(evt.EVT_DIMSE_RECV, outcome.received)]}
     if failure is not None:
         yield from _refuse(operation, report, failure, destination)
         return
@@ -229,15 +220,9 @@ def move(pipeline: Pipeline, event: Any, operation: Operation, report: Report, h
     for fetched in files:
         if cancelled():
             break
-        yield PENDING, _dataset(fetched.path)
+        yield from outcome.send(fetched.sop_instance, _dataset(fetched.path))
         fetched.path.unlink()
-    if cancelled():
-        yield operation.answer(CANCEL), _failed_list([])
-        return
-    missing = pipeline.missing(instances)
-    final = _finish(operation, report, len(instances), Counter({_NOT_SENT_BY_SERVICE: len(missing)}), missing)
-    if final is not None:
-        yield final
+    yield from _finish(operation, report, outcome, pipeline.missing(instances), cancelled)
 
 
 def _refusal(contexts: list[PresentationContext], fetched: Fetched) -> str | None:
