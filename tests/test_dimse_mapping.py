@@ -187,3 +187,28 @@ def test_a_level_that_is_not_one_is_refused_without_repeating_it():
         warnings.simplefilter("ignore", UserWarning)  # pydicom's own, about the value
         search_for(identifier("DOE^JANE"))
     assert "DOE" not in refused.value.detail and "JANE" not in refused.value.detail
+
+
+def test_the_pynetdicom_internals_the_gateway_relies_on_exist():
+    """Each private part of pynetdicom the gateway uses (proxy/dimse/wire.py names them) exists on the objects
+    pynetdicom makes, and the AE validator keeps its call: a pynetdicom upgrade that removes one fails here, by
+    name, instead of the gateway falling back without a word."""
+    from pynetdicom import AE, _config
+    from pynetdicom.association import Association
+    from pynetdicom.dimse_messages import DIMSEMessage
+
+    from proxy.dimse import wire
+
+    validators = getattr(_config, "VALIDATORS", {})
+    assert wire.AE_VALIDATOR in validators, f"pynetdicom's _config.VALIDATORS has no {wire.AE_VALIDATOR!r} (gateway.py)"
+    assert validators[wire.AE_VALIDATOR]("STORESCU") == (True, ""), "pynetdicom's AE validator changed its answer"
+    association = Association(AE(), "requestor")
+    dimse = getattr(association, wire.DIMSE_PROVIDER, None)
+    assert dimse is not None, f"pynetdicom's Association has no {wire.DIMSE_PROVIDER!r} (wire.py, gateway.py)"
+    for name in (*wire.DIMSE_PROVIDER_ATTRIBUTES, wire.RECEIVING_MESSAGE):
+        assert hasattr(dimse, name), f"pynetdicom's DIMSE provider has no {name!r} (wire.py, gateway.py)"
+    for name in wire.DUL_ATTRIBUTES:
+        assert callable(getattr(dimse.dul, name, None)), f"pynetdicom's DUL provider has no {name!r} (wire.py)"
+    message = DIMSEMessage()
+    for name in wire.RECEIVING_MESSAGE_ATTRIBUTES:
+        assert hasattr(message, name), f"pynetdicom's DIMSEMessage has no {name!r} (gateway.py)"

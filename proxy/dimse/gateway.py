@@ -27,7 +27,13 @@ from .client import DicomWebClient
 from .report import Report
 from .services import Services
 from .syntaxes import QUERY_RETRIEVE, TRANSFER_SYNTAXES, UNCOMPRESSED, VERIFICATION
-from .wire import pack_final_get_responses
+from .wire import (
+    AE_VALIDATOR,
+    DIMSE_PROVIDER,
+    RECEIVING_MESSAGE,
+    RECEIVING_MESSAGE_ATTRIBUTES,
+    pack_final_get_responses,
+)
 
 logger = logging.getLogger("proxy.dimse")
 
@@ -132,7 +138,7 @@ class Gateway:
         _config.LOG_REQUEST_IDENTIFIERS = False
         _config.LOG_RESPONSE_IDENTIFIERS = False
         logging.getLogger("pynetdicom").setLevel(logging.WARNING)
-        _config.VALIDATORS["AE"] = _any_ae
+        _config.VALIDATORS[AE_VALIDATOR] = _any_ae
 
         ae = _application_entity(settings.dimse_aet)
         services = Services(settings, bridge=bridge, client=self.client, report=self.report)
@@ -174,9 +180,8 @@ class Gateway:
         does for an instance whose association broke while it arrived (pynetdicom's DIMSE message keeps
         the file until the next one; these attributes are its own).
         """
-        message = getattr(getattr(event.assoc, "dimse", None), "message", None)
-        handle = getattr(message, "_data_set_file", None)
-        path = getattr(message, "_data_set_path", None)
+        message = getattr(getattr(event.assoc, DIMSE_PROVIDER, None), RECEIVING_MESSAGE, None)
+        handle, path = (getattr(message, name, None) for name in RECEIVING_MESSAGE_ATTRIBUTES)
         if handle is not None:
             with contextlib.suppress(OSError):
                 handle.close()
