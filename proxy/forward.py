@@ -248,8 +248,10 @@ class Forwarder:
         if has_body and upstream.content_length is not None and upstream.content_length <= WHOLE_ANSWER_LIMIT:
             body = await self._read_whole(request, upstream)
             if transform is None or not transform.inflates:
-                whole = body if transform is None else transform.whole(body)
-                return _whole_answer(upstream, headers, body if whole is None else whole, rewritten=whole is not None)
+                rewritten = None if transform is None else transform.whole(body)
+                if rewritten is None:
+                    return _whole_answer(upstream, headers, body, rewritten=False)
+                return _whole_answer(upstream, headers, rewritten, rewritten=True)
             try:
                 ready, rest = await _inflate_some(transform, body)
             except DecodeError:  # not what it claims to be: no link can be found in it, so it goes as it came

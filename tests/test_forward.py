@@ -614,3 +614,12 @@ async def test_a_1_mib_upload_that_meets_a_401_is_sent_again_with_a_fresh_token(
         f"Bearer {first}",
         f"Bearer {az.issued_tokens()[1]}",
     ]
+
+
+def test_a_small_answer_not_rewritten_keeps_its_digest(start_proxy, raw_upstream):
+    # Content-MD5 describes the body as the service sent it: dropped only when the body was rewritten.
+    answer = b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\nContent-MD5: XUFAKrxLKna5cZ2REBfFkg==\r\n\r\nhello"
+    proxy = start_proxy(upstream_url=raw_upstream({"/plain": answer}))
+    response, body = get(proxy.url, "/plain")
+    assert (response.status, body) == (200, b"hello")
+    assert response.headers["Content-MD5"] == "XUFAKrxLKna5cZ2REBfFkg=="
