@@ -293,8 +293,7 @@ async def serve(settings: Settings, *, announce: bool = True) -> None:
     """Serve until SIGINT/SIGTERM; in-flight requests then get `shutdown_grace` seconds to finish."""
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
-    for signal_number in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(signal_number, stop.set)
+    stop_on_signals(loop, stop)
     loop.set_exception_handler(_DescriptorShortage().handle)
     proxy = Proxy(settings)
     await proxy.start()
@@ -322,6 +321,19 @@ async def serve(settings: Settings, *, announce: bool = True) -> None:
         except TimeoutError:
             logger.warning("requests still in flight after --shutdown-grace %gs are cut", settings.shutdown_grace)
         await proxy.close()
+
+
+def stop_on_signals(loop: asyncio.AbstractEventLoop, stop: asyncio.Event) -> None:
+    """SIGINT (Ctrl+C) and SIGTERM set `stop`, so that shutdown is graceful everywhere.
+
+    The loop's own signal handlers where it has them (Unix); Windows' loops raise NotImplementedError, and
+    there Python's `signal.signal` takes the signal and hands it to the loop thread.
+    """
+    for signal_number in (signal.SIGINT, signal.SIGTERM):
+        try:
+            loop.add_signal_handler(signal_number, stop.set)
+        except NotImplementedError:
+            signal.signal(signal_number, lambda _number, _frame: loop.call_soon_threadsafe(stop.set))
 
 
 class _DescriptorShortage:
