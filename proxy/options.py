@@ -11,6 +11,8 @@ from typing import Literal
 
 DEFAULT_AUDIENCE = "https://dicom.healthcareapis.azure.com"
 DEFAULT_DIMSE_AET = "DICOMPROXY"
+# Azure's largest QIDO-RS page; a service that caps lower is followed all the same (proxy/dimse/client.py).
+DEFAULT_DIMSE_PAGE_SIZE = 200
 CREDENTIAL_KINDS = ("cli", "default", "environment", "managed-identity", "workload-identity")
 LOG_FORMATS = ("text", "json")
 CONFIG_FLAG, CONFIG_ENV = "--config", "DICOM_PROXY_CONFIG"
@@ -90,6 +92,9 @@ OPTIONS = (
     Option("dimse_allow", "--dimse-allow", "DICOM_PROXY_DIMSE_ALLOW",
            "calling AE title accepted by the DIMSE gateway, optionally only from one IP address (repeat); "
            "without it any AE from loopback", "list", metavar="AET[@HOST]"),
+    Option("dimse_page_size", "--dimse-page-size", "DICOM_PROXY_DIMSE_PAGE_SIZE",
+           "results the DIMSE gateway asks for per QIDO-RS page (limit); lower it for a service that refuses more",
+           "int", metavar="N", limits=(0, 10000)),
     Option("move_destinations", "--move-destination", "DICOM_PROXY_MOVE_DESTINATIONS",
            "where C-MOVE may send, by AE title (repeat); never taken from the request", "list",
            metavar="AET=HOST:PORT"),

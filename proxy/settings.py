@@ -18,7 +18,15 @@ from typing import Any
 from yarl import URL
 
 from .errors import ConfigurationError
-from .options import CONFIG_ENV, CONFIG_FLAG, DEFAULT_AUDIENCE, DEFAULT_DIMSE_AET, OPTIONS, Option
+from .options import (
+    CONFIG_ENV,
+    CONFIG_FLAG,
+    DEFAULT_AUDIENCE,
+    DEFAULT_DIMSE_AET,
+    DEFAULT_DIMSE_PAGE_SIZE,
+    OPTIONS,
+    Option,
+)
 from .validate import DEFAULT_LISTEN, LOOPBACK_NAMES, settings_fields
 from .values import is_loopback
 
@@ -70,6 +78,7 @@ class Settings:
     dimse_listen: tuple[str, int] | None = None
     dimse_aet: str = DEFAULT_DIMSE_AET
     dimse_allow: tuple[tuple[str, str | None], ...] = ()
+    dimse_page_size: int = DEFAULT_DIMSE_PAGE_SIZE
     move_destinations: tuple[tuple[str, str, int], ...] = ()
 
     @property

@@ -22,7 +22,7 @@ from yarl import URL
 
 from . import values
 from .errors import ConfigurationError
-from .options import CREDENTIAL_KINDS, DEFAULT_AUDIENCE, DEFAULT_DIMSE_AET, LOG_FORMATS, option
+from .options import CREDENTIAL_KINDS, DEFAULT_AUDIENCE, DEFAULT_DIMSE_AET, LOG_FORMATS, OPTIONS
 
 DEFAULT_LISTEN = "127.0.0.1:8080"
 LOOPBACK_NAMES = ("localhost", "127.0.0.1", "[::1]")
@@ -69,14 +69,13 @@ def settings_fields(raw: Mapping[str, Any], environ: Mapping[str, str]) -> dict[
 def _numbers(raw: Mapping[str, Any]) -> dict[str, Any]:
     """Every numeric option given, through the one number parser with its option's bounds."""
     found: dict[str, Any] = {}
-    for name in ("connect_timeout", "read_timeout", "shutdown_grace", "workers", "rewrite_limit_mib"):
-        if name not in raw:
+    for item in OPTIONS:
+        if item.kind not in ("float", "int") or item.name not in raw:
             continue
-        item = option(name)
         low, high = item.limits
-        found[name] = values.number(raw[name], str(item.flag), whole=item.kind == "int", low=low, high=high)
+        value = values.number(raw[item.name], str(item.flag), whole=item.kind == "int", low=low, high=high)
+        found[item.name] = int(value) if item.kind == "int" else value
     if "workers" in found:
-        found["workers"] = int(found["workers"])
         if found["workers"] > 1 and not (hasattr(socket, "SO_REUSEPORT") and hasattr(os, "fork")):
             raise ConfigurationError(
                 "--workers: more than 1 needs SO_REUSEPORT and fork, which this platform (Windows, for one) "

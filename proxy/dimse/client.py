@@ -38,8 +38,6 @@ from .status import (
 
 logger = logging.getLogger("proxy.dimse")
 
-# Azure's largest QIDO-RS page; a service that caps lower is followed all the same (see `qido`).
-PAGE_SIZE = 200
 CHUNK = 1024 * 1024
 _DICOM_JSON = "application/dicom+json"
 _RETRIEVE_ACCEPT = 'multipart/related; type="application/dicom"; transfer-syntax=*'
@@ -52,14 +50,13 @@ Body = Callable[[], AsyncIterator[bytes]]
 class DicomWebClient:
     """QIDO-RS, WADO-RS and STOW-RS at the service's DICOMweb base, for the DIMSE gateway."""
 
-    def __init__(
-        self, settings: Settings, *, session: aiohttp.ClientSession, tokens: TokenSource, page_size: int = PAGE_SIZE
-    ) -> None:
+    def __init__(self, settings: Settings, *, session: aiohttp.ClientSession, tokens: TokenSource) -> None:
         self._base = str(settings.upstream_dicomweb).rstrip("/")
         self._session = session
         self._tokens = tokens
         self._proxy = settings.upstream_proxy
-        self._page_size = page_size
+        # --dimse-page-size; a service that caps its pages lower is followed all the same (see `qido`).
+        self._page_size = settings.dimse_page_size
 
     def url(self, path: str) -> URL:
         # The path's UIDs were checked by the mapping (digits and dots only), so nothing here climbs or escapes.
