@@ -91,18 +91,12 @@ class TokenSource:
         sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
         on_acquisition: AcquisitionHook | None = None,
     ) -> None:
-        self._credential = credential
-        self._scope = scope
-        self._tenant = tenant
+        self._credential, self._scope, self._tenant = credential, scope, tenant
         self._credential_name = credential_name
         self._key: CacheKey = (credential_name, scope, tenant)
-        self._refresh_margin = refresh_margin
-        self._min_refresh_interval = min_refresh_interval
-        self._min_retry_interval = min_retry_interval
-        self._max_backoff = max_backoff
-        self._clock = clock
-        self._sleep = sleep
-        self._on_acquisition = on_acquisition
+        self._refresh_margin, self._max_backoff = refresh_margin, max_backoff
+        self._min_refresh_interval, self._min_retry_interval = min_refresh_interval, min_retry_interval
+        self._clock, self._sleep, self._on_acquisition = clock, sleep, on_acquisition
         # One entry, for this source's (credential, scope, tenant). The cache is for its per-item time to
         # use: a token leaves it `expiry_margin` seconds before it expires, on the injected clock, so that a
         # token handed out is still valid by the time the upstream checks it, with no expiry check of ours.
