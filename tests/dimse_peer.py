@@ -6,6 +6,8 @@ as `python -m tests.dimse_peer COMMAND ...`, it prints one JSON object.
   cancel-move PORT STUDY DESTINATION  the same with C-MOVE
   get-refusing PORT N STUDY...        C-GET of the studies, offering CT and Secondary Capture uncompressed only,
                                       its C-STORE handler refusing the first N instances with 0xA700
+  refusing-destination PORT N         a C-STORE SCP (AE REFUSER) that refuses the first N instances with 0xA700,
+                                      then stores the rest (runs until killed)
   forbidding-service PORT             an HTTP service that answers 403 to everything (runs until killed)
 """
 
@@ -149,6 +151,18 @@ def get_refusing(port: int, refuse: int, studies: list[str]) -> dict[str, Any]:
     return {"status": int(final.get("Status", -1)), "failed": failed, "refused": refused, "stored": stored, **counts}
 
 
+def refusing_destination(port: int, refuse: int) -> None:
+    answered: list[int] = []
+
+    def store(event: Any) -> int:
+        answered.append(0xA700 if len(answered) < refuse else 0x0000)
+        return answered[-1]
+
+    ae = AE(ae_title="REFUSER")
+    ae.add_supported_context(CTImageStorage, [ImplicitVRLittleEndian, ExplicitVRLittleEndian])
+    ae.start_server(("127.0.0.1", port), evt_handlers=[(evt.EVT_C_STORE, store)])
+
+
 class _Forbidding(http.server.BaseHTTPRequestHandler):
     """A DICOM service that refuses every request with 403, as one does for a study the caller may not read."""
 
@@ -168,6 +182,9 @@ class _Forbidding(http.server.BaseHTTPRequestHandler):
 
 def main(argv: list[str]) -> int:
     command, port = argv[0], int(argv[1])
+    if command == "refusing-destination":
+        refusing_destination(port, int(argv[2]))
+        return 0
     if command == "forbidding-service":
         http.server.ThreadingHTTPServer(("127.0.0.1", port), _Forbidding).serve_forever()
         return 0

@@ -30,7 +30,7 @@ from .netns import Namespace, dcmtk
 from .orthanc import ORTHANC_TOKEN, Orthanc
 
 TEST_FILES = Path(pydicom.data.__file__).parent / "test_files"
-ORTHANC_PORT, DESTINATION_PORT, FORBIDDING_PORT = 8042, 11113, 8043
+ORTHANC_PORT, DESTINATION_PORT, FORBIDDING_PORT, REFUSER_PORT = 8042, 11113, 8043, 11114
 # What storescu must propose to send each file as it is (it sends one compressed family per run).
 # Local files only: asking pydicom for one it does not ship would try to download it.
 STORED = {
@@ -166,6 +166,7 @@ def gateway(world: World) -> ProxyProcess:
     return world.proxy(
         "--move-destination", f"MOVEDEST=127.0.0.1:{DESTINATION_PORT}",
         "--move-destination", "GONE=127.0.0.1:9",
+        "--move-destination", f"REFUSER=127.0.0.1:{REFUSER_PORT}",
     )  # fmt: skip
 
 
@@ -388,6 +389,26 @@ def test_movescu_sends_every_instance_on_one_association_with_pending_counts(wor
         assert_same_pixels(received[uid], original)
     after = (world.home / "storescp.log").read_text().count("Association Received")
     assert after - before == 1, "one association to the destination for the whole move"
+
+
+def test_c_stores_the_destination_refuses_are_in_the_final_move_status_the_log_and_the_metrics(world, gateway, stored):
+    """A C-MOVE destination (pynetdicom) refuses the first of CT_small's study's two instances: movescu is told
+    0xB000 (pynetdicom's count), and the gateway's log line and metrics say 0xB000 too, not success."""
+    world.background(sys.executable, "-m", "tests.dimse_peer", "refusing-destination", str(REFUSER_PORT), "1")
+    wait_for(lambda: world.namespace.listening(REFUSER_PORT), 20, 0.1, "the refusing destination to listen")
+    ct = pydicom.dcmread(TEST_FILES / "CT_small.dcm")
+    before_log, before = len(gateway.output()), operations_counted(world, gateway, "C-MOVE")
+    output = world.tool(
+        "movescu", "-v", "-S", "-aem", "REFUSER", "-k", "QueryRetrieveLevel=STUDY",
+        "-k", f"StudyInstanceUID={ct.StudyInstanceUID}", *scu(gateway),
+    )  # fmt: skip
+    assert "Received Final Move Response (Warning: SubOperationsCompleteOneOrMoreFailures)" in output, output
+    log = gateway.output()[before_log:]
+    assert re.findall(r" TESTSCU C-MOVE STUDY count=2 status=(\S+)", log) == ["0xB000"], log
+    assert "1 refused by the destination: 0xA700 (1)" in log, log
+    counted = operations_counted(world, gateway, "C-MOVE")
+    counted.subtract(before)
+    assert +counted == Counter({"0xB000": 1}), counted
 
 
 def test_movescu_to_an_unknown_or_unreachable_destination_fails(world, gateway, stored):
