@@ -75,6 +75,9 @@ OPTIONS = (
     Option("read_timeout", "--read-timeout", "DICOM_PROXY_READ_TIMEOUT",
            "longest silence from the upstream mid-answer, or from a client mid-request", "float",
            metavar="SECONDS", limits=(0, _DAY)),
+    Option("upstream_idle", "--upstream-idle", "DICOM_PROXY_UPSTREAM_IDLE",
+           "how long an idle upstream connection is kept for the next request (below the service's own idle "
+           "timeout, about 4 minutes)", "float", metavar="SECONDS", limits=(0, _DAY)),
     Option("shutdown_grace", "--shutdown-grace", "DICOM_PROXY_SHUTDOWN_GRACE", "time in-flight requests get on SIGTERM",
            "float", metavar="SECONDS", limits=(0, _DAY)),
     Option("workers", "--workers", "DICOM_PROXY_WORKERS",

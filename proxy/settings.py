@@ -60,6 +60,9 @@ class Settings:
     # Idle time between two reads from the upstream; there is deliberately no total timeout, which
     # would cut a long WADO-RS retrieve of a large study.
     read_timeout: float = 300.0
+    # Idle upstream connections are kept this long: longer than a person's pause between two studies (a new
+    # TLS connection costs two round trips), shorter than the service front end's idle timeout (~4 min).
+    upstream_idle: float = 120.0
     # Rewrite upstream URLs in Location/Content-Location and JSON/XML bodies (as they stream). rewrite_limit
     # no longer bounds anything; it is still read so that older configurations start.
     rewrite: bool = True
