@@ -1,24 +1,67 @@
 """The private parts of aiohttp that the proxy relies on, in one place.
 
-Each has a test that names it (tests/test_app.py::test_the_aiohttp_internals_the_proxy_relies_on_exist),
-so an aiohttp upgrade that removes one fails there, by name, rather than somewhere downstream.
+`RELIED_ON` names each one; tests/test_app.py::test_the_aiohttp_internals_the_proxy_relies_on_exist checks
+them all, so an aiohttp upgrade that removes one fails there, by name, rather than somewhere downstream.
+pyproject.toml declares the aiohttp versions that test has passed on. A new reliance is one more entry in
+`RELIED_ON` (and, when it is more than a name to read, a small class or function here).
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+import aiohttp
 from aiohttp import web
+from multidict import CIMultiDict
 
-# RequestHandler's slots the client connection reads: whether a request is being handled (no silence
-# then), and how many requests the connection has had (a 408 only before the first).
-REQUEST_HANDLER_SLOTS = ("_request_in_progress", "_request_count")
 
-# StreamResponse._prepare_headers: where aiohttp adds `Content-Type: application/octet-stream` to an answer
-# that has a body and no type (RFC 9110 8.3 allows a body without one; the recipient may then sniff).
-PREPARE_HEADERS = "_prepare_headers"
+@dataclass(frozen=True)
+class Internal:
+    """One private aiohttp name: the class that has it, the name, and what the proxy does with it."""
+
+    owner: type
+    name: str
+    use: str
+
+    def present(self) -> bool:
+        """Whether this aiohttp still has it (an attribute set only in `__init__` needs an instance instead)."""
+        return hasattr(self.owner, self.name)
+
+    def __str__(self) -> str:
+        return f"{self.owner.__module__}.{self.owner.__qualname__}.{self.name}"
+
+
+RELIED_ON = (
+    Internal(
+        web.RequestHandler,
+        "_request_in_progress",
+        "connection.Connection: while a request is being handled, the connection's silence is no silence",
+    ),
+    Internal(
+        web.RequestHandler,
+        "_request_count",
+        "connection.Connection: a silent connection gets a 408 only before its first request",
+    ),
+    Internal(
+        web.StreamResponse,
+        "_prepare_headers",
+        "AsSentStreamResponse, AsSentResponse: where aiohttp adds a Content-Type the service never sent",
+    ),
+    Internal(
+        aiohttp.ClientRequest,
+        "_skip_auto_headers",
+        "AsBuiltRequest: which headers aiohttp must not add to a request (it also reads it for Content-Type)",
+    ),
+)
 
 
 class AsSentStreamResponse(web.StreamResponse):
-    """A streamed answer whose headers go out as given: no Content-Type is added where the service sent none."""
+    """A streamed answer whose headers go out as given: no Content-Type is added where the service sent none.
+
+    aiohttp's `_prepare_headers` adds `Content-Type: application/octet-stream` to an answer that has a body
+    and no type; RFC 9110 8.3 allows a body without one (the recipient may then sniff).
+    """
 
     async def _prepare_headers(self) -> None:
         untyped = "Content-Type" not in self.headers
@@ -27,11 +70,23 @@ class AsSentStreamResponse(web.StreamResponse):
             self.headers.popall("Content-Type", None)
 
 
-class AsSentResponse(web.Response):
-    """A whole answer whose headers go out as given: no Content-Type is added where the service sent none."""
+class AsSentResponse(AsSentStreamResponse, web.Response):
+    """A whole answer whose headers go out as given (`AsSentStreamResponse`'s rule, on aiohttp's Response)."""
 
-    async def _prepare_headers(self) -> None:
-        untyped = "Content-Type" not in self.headers
-        await super()._prepare_headers()
-        if untyped:
-            self.headers.popall("Content-Type", None)
+
+# What aiohttp adds to a request on its own: the proxy sends none of them unless the client did.
+_AUTOMATIC_HEADERS: CIMultiDict[None] = CIMultiDict(
+    (name, None) for name in ("Accept", "Accept-Encoding", "User-Agent", "Content-Type")
+)
+
+
+class AsBuiltRequest(aiohttp.ClientRequest):
+    """A request with exactly the headers it was given.
+
+    aiohttp would add Accept-Encoding: gzip (and Accept, User-Agent, Content-Type) that the client never
+    asked for. Its `skip_auto_headers` option says the same, but copies every request's headers to do it;
+    setting `_skip_auto_headers` once, in place of adding the automatic headers, costs nothing.
+    """
+
+    def update_auto_headers(self, skip_auto_headers: Iterable[str] | None) -> None:
+        self._skip_auto_headers = _AUTOMATIC_HEADERS

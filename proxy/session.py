@@ -3,12 +3,11 @@
 from __future__ import annotations
 
 import ssl
-from collections.abc import Iterable
 
 import aiohttp
-from multidict import CIMultiDict
 
 from .errors import UpstreamTimeout, UpstreamUnreachable
+from .internals import AsBuiltRequest
 from .settings import Settings
 
 # Large reads keep the per-chunk Python work small on multi-GiB retrieves while bounding memory per
@@ -16,21 +15,10 @@ from .settings import Settings
 READ_BUFFER = 1024 * 1024
 
 
-# What aiohttp adds to a request on its own: the proxy sends none of them unless the client did.
-_AUTOMATIC_HEADERS: CIMultiDict[None] = CIMultiDict(
-    (name, None) for name in ("Accept", "Accept-Encoding", "User-Agent", "Content-Type")
-)
-
-
-class UpstreamRequest(aiohttp.ClientRequest):
-    """A request with exactly the headers the proxy built.
-
-    aiohttp would add Accept-Encoding: gzip (and Accept, User-Agent, Content-Type) that the client never
-    asked for. Its `skip_auto_headers` option says the same, but copies every request's headers to do it.
-    """
-
-    def update_auto_headers(self, skip_auto_headers: Iterable[str] | None) -> None:
-        self._skip_auto_headers = _AUTOMATIC_HEADERS
+class UpstreamRequest(AsBuiltRequest):
+    """A request to the upstream with exactly the headers the proxy built: aiohttp adds none of its own
+    (Accept-Encoding: gzip above all, which the client never asked for). How is aiohttp's business, kept
+    in `internals`."""
 
 
 def upstream_session(settings: Settings) -> aiohttp.ClientSession:
