@@ -31,12 +31,11 @@ from .errors import (
 from .headers import client_response_headers, split_host, upstream_request_headers
 from .internals import AsSentResponse, AsSentStreamResponse
 from .logs import SENT_BEFORE_CUT
+from .plan import WHOLE_ANSWER_LIMIT, AnswerPlan, plan_answer
 from .rewrite import (
     BaseMapping,
     BodyTransform,
     DecodeError,
-    body_kind,
-    body_transform,
     mapping_for,
     rewrite_headers,
     upstream_path,
@@ -64,11 +63,6 @@ WRITE_BUFFER_HIGH = 1024 * 1024
 # rewriting bounds their speed, and smaller reads keep many of them at once in little memory. Everything
 # else (WADO-RS retrieves) uses the session's large reads.
 DOCUMENT_READ_BUFFER = 256 * 1024
-# Answers of a known length up to this size are read whole and sent in one write (rewritten, if need be,
-# with their exact Content-Length); larger or unsized ones stream.
-WHOLE_ANSWER_LIMIT = 1024 * 1024
-# Headers that no longer describe a body once it has been inflated or rewritten.
-_STALE_AFTER_REWRITE = ("Content-Length", "Content-MD5")
 
 _SEGMENT_SEPARATORS = re.compile(r"[/\\]")
 
@@ -236,38 +230,47 @@ class Forwarder:
         # Worked out once per request: the headers and the body both use it.
         mapping = mapping_for(self._origin, self._base_path, local_origin(request)) if self._settings.rewrite else None
         headers = self._response_headers(request, upstream, mapping)
-        has_body = request.method != "HEAD" and upstream.status not in (204, 304)
-        transform = None
-        # A 206 starts mid-body, where a link cannot be recognised.
-        if mapping is not None and has_body and upstream.status != 206:
-            transform = body_transform(headers.get("Content-Type"), headers.get("Content-Encoding"), mapping)
-        elif mapping is not None and request.method == "HEAD" and body_kind(headers.get("Content-Type")):
-            # A GET of it would be rewritten to another length; a HEAD must not promise the old one.
-            headers.popall("Content-Length", None)
+        plan = plan_answer(request.method, upstream.status, upstream.content_length, headers, mapping)
+        transform = plan.transform()
         ready: Iterable[bytes] = ()
-        if has_body and upstream.content_length is not None and upstream.content_length <= WHOLE_ANSWER_LIMIT:
-            body = await self._read_whole(request, upstream)
-            if transform is None or not transform.inflates:
-                rewritten = None if transform is None else transform.whole(body)
-                if rewritten is None:
-                    return _whole_answer(upstream, headers, body, rewritten=False)
-                return _whole_answer(upstream, headers, rewritten, rewritten=True)
-            try:
-                ready, rest = await _inflate_some(transform, body)
-            except DecodeError:  # not what it claims to be: no link can be found in it, so it goes as it came
-                return _whole_answer(upstream, headers, body, rewritten=False)
-            if rest is None:
-                if not transform.changed:  # no link: it goes out compressed, as it came
-                    return _whole_answer(upstream, headers, body, rewritten=False)
-                headers.popall("Content-Encoding", None)
-                return _whole_answer(upstream, headers, b"".join(ready), rewritten=True)
-            ready = itertools.chain(ready, rest)  # inflates past the limit: the rest streams as it inflates
-        if transform is not None:
-            for stale in _STALE_AFTER_REWRITE:
-                headers.popall(stale, None)
-            if transform.inflates:
-                headers.popall("Content-Encoding", None)
+        if plan.whole:
+            small = await self._small(request, upstream, plan, headers, transform)
+            if isinstance(small, web.Response):
+                return small
+            ready = small  # inflates past the limit: the rest streams as it inflates
+        headers = plan.headers(headers, transformed=transform is not None)
         return await self._stream(request, upstream, headers, transform, ready)
+
+    async def _small(
+        self,
+        request: web.BaseRequest,
+        upstream: aiohttp.ClientResponse,
+        plan: AnswerPlan,
+        headers: CIMultiDict[str],
+        transform: BodyTransform | None,
+    ) -> web.Response | Iterable[bytes]:
+        """A small answer, read whole and sent in one write; or, when it inflates past the whole-answer
+        limit, its output so far and the rest, for the stream to carry on with."""
+        body = await self._read_whole(request, upstream)
+
+        def answer(out: bytes, *, transformed: bool) -> web.Response:
+            fitted = plan.headers(headers, transformed=transformed)
+            return AsSentResponse(status=upstream.status, reason=upstream.reason, headers=fitted, body=out)
+
+        if transform is None:
+            return answer(body, transformed=False)
+        if not transform.inflates:
+            rewritten = transform.whole(body)
+            return answer(body, transformed=False) if rewritten is None else answer(rewritten, transformed=True)
+        try:
+            ready, rest = await _inflate_some(transform, body)
+        except DecodeError:  # not what it claims to be: no link can be found in it, so it goes as it came
+            return answer(body, transformed=False)
+        if rest is not None:
+            return itertools.chain(ready, rest)
+        if not transform.changed:  # no link: it goes out compressed, as it came
+            return answer(body, transformed=False)
+        return answer(b"".join(ready), transformed=True)
 
     async def _stream(
         self,
@@ -346,16 +349,6 @@ class Forwarder:
         except (TimeoutError, aiohttp.ClientError) as exc:
             request[UPSTREAM_FAILURE] = _failure_kind(exc)
             raise UpstreamUnreachable(f"the upstream broke off its answer ({type(exc).__name__})") from exc
-
-
-def _whole_answer(
-    upstream: aiohttp.ClientResponse, headers: CIMultiDict[str], body: bytes, *, rewritten: bool
-) -> web.Response:
-    """A small answer, sent in one write; a rewritten body no longer has the length or digest it came with."""
-    if rewritten:
-        for stale in _STALE_AFTER_REWRITE:
-            headers.popall(stale, None)
-    return AsSentResponse(status=upstream.status, reason=upstream.reason, headers=headers, body=body)
 
 
 async def _inflate_some(transform: BodyTransform, body: bytes) -> tuple[list[bytes], Iterator[bytes] | None]:

@@ -74,10 +74,16 @@ class Inflater:
             raise DecodeError(f"the body ends before its {self._encoding} stream does")
 
 
+def inflatable(content_encoding: str | None) -> bool:
+    """Whether a body in this Content-Encoding can be inflated here (gzip or deflate)."""
+    return (content_encoding or "").strip().lower() in _INFLATABLE
+
+
 def inflater_for(content_encoding: str | None, *, piece_size: int = PIECE_SIZE) -> Inflater | None:
     """An Inflater for a gzip or deflate body; None for any other encoding, identity included."""
-    encoding = (content_encoding or "").strip().lower()
-    return Inflater(encoding, piece_size=piece_size) if encoding in _INFLATABLE else None
+    if not inflatable(content_encoding):
+        return None
+    return Inflater((content_encoding or "").strip().lower(), piece_size=piece_size)
 
 
 def _is_zlib_header(head: bytes) -> bool:

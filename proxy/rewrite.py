@@ -345,19 +345,3 @@ class BodyTransform:
             return None  # most answers hold no link: no pass over them at all
         rewritten = self._rewriter.feed(body) + self._rewriter.finish()
         return rewritten if self._rewriter.changed else None
-
-
-def body_transform(
-    content_type: str | None, content_encoding: str | None, mapping: BaseMapping
-) -> BodyTransform | None:
-    """The transform for an answer with these headers, or None when its body streams untouched.
-
-    None for bodies that cannot carry service URLs (not JSON or XML) and for encodings that cannot be
-    undone here (br, zstd): those pass as they came.
-    """
-    kind = body_kind(content_type)
-    if kind is None:
-        return None
-    if (content_encoding or "identity").strip().lower() == "identity":
-        return BodyTransform(kind, mapping)
-    return BodyTransform(kind, mapping, content_encoding) if inflater_for(content_encoding) else None
