@@ -85,11 +85,12 @@ def upstream_request_headers(
     incoming: Headers,
     *,
     token: str,
-    client_address: str | None,
-    client_scheme: str,
-    client_host: str | None,
+    client_address: str | None = None,
+    client_scheme: str | None = None,
+    client_host: str | None = None,
 ) -> CIMultiDict[str]:
-    """Headers for the upstream request: the client's, minus hop-by-hop and secrets, plus the token.
+    """Headers for any request that leaves the proxy: the given ones, minus hop-by-hop and secrets, plus the
+    token, and the X-Forwarded-* that describe an HTTP client (the DIMSE gateway has none, and sends none).
 
     Host is left out so that the HTTP client writes the upstream's own.
     """
@@ -97,7 +98,8 @@ def upstream_request_headers(
     headers["Authorization"] = f"Bearer {token}"
     if client_address:
         headers["X-Forwarded-For"] = client_address
-    headers["X-Forwarded-Proto"] = client_scheme
+    if client_scheme:
+        headers["X-Forwarded-Proto"] = client_scheme
     if client_host:
         headers["X-Forwarded-Host"] = client_host
     return headers

@@ -117,3 +117,10 @@ def test_split_host_either_refuses_a_value_or_splits_it_exactly(text):
 def test_split_host_refuses_what_is_no_host_and_port():
     for text in ("", ":8080", "[::1", "[::1]x", "::1", "a:b:c", "localhost:8o", "localhost:²"):
         assert split_host(text) is None, text
+
+
+def test_a_request_with_no_http_client_behind_it_carries_no_forwarded_headers():
+    # The DIMSE gateway's requests: the same rules, and nothing made up about a client that does not exist.
+    incoming = CIMultiDict({"Accept": "application/dicom+json", "Authorization": "Basic x", "Connection": "close"})
+    outgoing = upstream_request_headers(incoming, token="TOKEN")
+    assert list(outgoing.items()) == [("Accept", "application/dicom+json"), ("Authorization", "Bearer TOKEN")]
