@@ -9,15 +9,13 @@ with a router and three middleware layers cost about 40% of small-request throug
 from __future__ import annotations
 
 import asyncio
-import errno
 import json
 import logging
-import signal
 import time
 import traceback
 from collections.abc import Awaitable, Callable
 from functools import partial
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import aiohttp
 from aiohttp import web
@@ -40,6 +38,7 @@ from .guard import Guard
 from .logs import MALFORMED, AccessLogger, access_line, sent_bytes
 from .metrics import Metrics
 from .observe import REQUEST_ID, REQUEST_ID_HEADER, Readiness, RequestIds, health
+from .process import DescriptorShortage, raise_open_file_limit, stop_on_signals
 from .session import READ_BUFFER, upstream_session
 from .settings import Settings, is_loopback
 from .status import StatusPage, recent_requests
@@ -148,8 +147,6 @@ class Proxy:
             await self._gateway.close()
         if self.tokens is not None:
             await self.tokens.close()
-        # An `az` cancelled mid-run keeps running otherwise (azure-identity does not stop it).
-        end_child_processes()
         if self._given_session is None and self._session is not None:
             await self._session.close()
         if self._given_credential is None and self._credential is not None:
@@ -293,8 +290,8 @@ async def serve(settings: Settings, *, announce: bool = True) -> None:
     """Serve until SIGINT/SIGTERM; in-flight requests then get `shutdown_grace` seconds to finish."""
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
-    stop_on_signals(loop, stop)
-    loop.set_exception_handler(_DescriptorShortage().handle)
+    restore_signals = stop_on_signals(loop, stop)
+    loop.set_exception_handler(DescriptorShortage().handle)
     proxy = Proxy(settings)
     await proxy.start()
     runner = web.ServerRunner(build_server(proxy), shutdown_timeout=settings.shutdown_grace)
@@ -321,64 +318,10 @@ async def serve(settings: Settings, *, announce: bool = True) -> None:
         except TimeoutError:
             logger.warning("requests still in flight after --shutdown-grace %gs are cut", settings.shutdown_grace)
         await proxy.close()
-
-
-def stop_on_signals(loop: asyncio.AbstractEventLoop, stop: asyncio.Event) -> None:
-    """SIGINT (Ctrl+C) and SIGTERM set `stop`, so that shutdown is graceful everywhere.
-
-    The loop's own signal handlers where it has them (Unix); Windows' loops raise NotImplementedError, and
-    there Python's `signal.signal` takes the signal and hands it to the loop thread.
-    """
-    for signal_number in (signal.SIGINT, signal.SIGTERM):
-        try:
-            loop.add_signal_handler(signal_number, stop.set)
-        except NotImplementedError:
-            signal.signal(signal_number, lambda _number, _frame: loop.call_soon_threadsafe(stop.set))
-
-
-class _DescriptorShortage:
-    """Says once, clearly, that connections wait because the process ran out of file descriptors."""
-
-    def __init__(self) -> None:
-        self._told = False
-
-    def handle(self, loop: asyncio.AbstractEventLoop, context: dict[str, Any]) -> None:
-        exc = context.get("exception")
-        if isinstance(exc, OSError) and exc.errno in (errno.EMFILE, errno.ENFILE):
-            if not self._told:
-                self._told = True
-                logger.error(
-                    "out of file descriptors (limit %s): new connections wait until others close; "
-                    "raise the limit (ulimit -n) or close idle clients",
-                    _open_file_limit(),
-                )
-            return
-        loop.default_exception_handler(context)
-
-
-def _open_file_limit() -> str:
-    try:
-        import resource  # Unix only
-    except ImportError:
-        return "unknown"
-    return str(resource.getrlimit(resource.RLIMIT_NOFILE)[0])
-
-
-def raise_open_file_limit() -> None:
-    """Each connection costs two descriptors (client and upstream): take all the hard limit allows.
-
-    Unix only: Windows has no such limit to raise (and no `resource` module)."""
-    try:
-        import resource
-    except ImportError:
-        return
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    wanted = hard if hard != resource.RLIM_INFINITY else max(soft, 1 << 20)
-    if soft != resource.RLIM_INFINITY and soft < wanted:
-        try:
-            resource.setrlimit(resource.RLIMIT_NOFILE, (wanted, hard))
-        except (ValueError, OSError):
-            logger.debug("could not raise the open-files limit from %d", soft)
+        # An `az` cancelled mid-run keeps running otherwise (azure-identity does not stop it). Only here, where
+        # the proxy owns the process: a program embedding `Proxy` keeps its own children.
+        end_child_processes()
+        restore_signals()
 
 
 def run(settings: Settings, *, announce: bool = True) -> None:

@@ -62,10 +62,14 @@ def token_claims(value: str) -> dict[str, Any]:
     return claims if isinstance(claims, dict) else {}
 
 
+def who(claims: dict[str, Any]) -> str:
+    """The user or application a token's claims speak for (never the token itself)."""
+    return str(claims.get("upn") or claims.get("unique_name") or claims.get("appid") or claims.get("oid") or "unknown")
+
+
 def describe_identity(claims: dict[str, Any]) -> str:
-    """Who the token speaks for, in words, for logs and `check` (never the token itself)."""
-    who = claims.get("upn") or claims.get("unique_name") or claims.get("appid") or claims.get("oid") or "unknown"
-    return f"{who} in tenant {claims.get('tid', 'unknown')}"
+    """Who the token speaks for, in words, for logs and `check`."""
+    return f"{who(claims)} in tenant {claims.get('tid', 'unknown')}"
 
 
 def expiry_text(expires_on: float) -> str:
@@ -110,6 +114,7 @@ class TokenSource:
         self._retry_at = 0.0
         self._ended_at = -math.inf  # when the last acquisition ended, whatever its result
         self._refresher: asyncio.Task[None] | None = None
+        self._reschedule = asyncio.Event()
         self._serial = 0
         # Refusals by the service (401) since it last accepted a token: the serial of the last token
         # refused (0: none), how many backoffs followed, and until when the refused token is kept.
@@ -192,6 +197,7 @@ class TokenSource:
         self._dropped_at = now
         del self._cache[self._key]
         self._retry_at = 0.0
+        self._reschedule.set()
         return True
 
     def accepted(self) -> None:
@@ -284,15 +290,15 @@ class TokenSource:
         self._retry_at = self._clock() + delay
         error = TokenUnavailable(f"no token from the {self._credential_name} credential: {reason}", hint=hint)
         self._last_error = error
+        self._reschedule.set()  # a refresher asleep until a dropped token's renewal must wake for the backoff
         logger.error("%s; retrying in %.0fs. Hint: %s", error.detail, delay, error.hint)
         return error
 
     async def _refresh_forever(self) -> None:
         while True:
-            wake_at = self._next_try_at()
-            await self._sleep(max(0.0, wake_at - self._clock()))
+            await self._nap(max(0.0, self._next_try_at() - self._clock()))
             if self._inflight is None and self._clock() < self._next_try_at():
-                continue  # a request started a try meanwhile, which moved the schedule
+                continue  # the schedule moved meanwhile (a request's try, a refusal)
             try:
                 await self._acquire()
             except TokenUnavailable:
@@ -300,6 +306,17 @@ class TokenSource:
             except Exception:  # noqa: BLE001 - a refresher that dies leaves the proxy without tokens
                 logger.exception("the token refresher failed; retrying in %.0fs", self._max_backoff)
                 self._retry_at = self._clock() + self._max_backoff
+
+    async def _nap(self, seconds: float) -> None:
+        """Sleep `seconds`, or less when the schedule changes (a failure or a refusal set `_reschedule`)."""
+        self._reschedule.clear()
+        sleeping = asyncio.ensure_future(self._sleep(seconds))
+        woken = asyncio.ensure_future(self._reschedule.wait())
+        try:
+            await asyncio.wait((sleeping, woken), return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            sleeping.cancel()
+            woken.cancel()
 
     def _next_try_at(self) -> float:
         """When the refresher tries next: before the token expires, and not before the backoff ends
@@ -333,5 +350,7 @@ def failure_reason(message: str) -> tuple[str, str | None]:
     output = printed.group(1).strip().splitlines()
     if not output:
         return "az printed nothing", BROKEN_CLI_FIX
+    if "accessToken" in output[0] or "eyJ" in output[0]:
+        return "az printed something that is not a token, but looks like part of one (withheld)", BROKEN_CLI_FIX
     shown = output[0].replace("\\", "\\\\").replace('"', '\\"')
     return f'az printed something that is not a token: "{loggable(shown, 120)}"', BROKEN_CLI_FIX

@@ -51,3 +51,22 @@ def test_the_cli_credential_carries_the_tenant():
     credential = build_credential(settings("cli", tenant="contoso.example"))
     assert isinstance(credential, aio.AzureCliCredential)
     assert credential.tenant_id == "contoso.example"
+
+
+async def test_a_program_embedding_the_proxy_keeps_its_own_children(az, upstream, ca_bundle, monkeypatch):
+    """Only `serve`, which owns its process, ends the children left at shutdown (a hung az)."""
+    import os
+    import subprocess
+    import sys
+
+    from .conftest import in_process_proxy
+
+    monkeypatch.setenv("PATH", f"{az.directory}{os.pathsep}{os.environ['PATH']}")
+    mine = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        async with in_process_proxy(upstream, ca_bundle):
+            pass
+        assert mine.poll() is None, "closing the proxy ended a child process that was not its own"
+    finally:
+        mine.kill()
+        mine.wait()

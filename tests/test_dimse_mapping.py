@@ -212,3 +212,18 @@ def test_the_pynetdicom_internals_the_gateway_relies_on_exist():
     message = DIMSEMessage()
     for name in wire.RECEIVING_MESSAGE_ATTRIBUTES:
         assert hasattr(message, name), f"pynetdicom's DIMSEMessage has no {name!r} (gateway.py)"
+
+
+@pytest.mark.parametrize(
+    ("message", "shown"),
+    [
+        ("failed for 1.2.840.113619.2.55.3.", "failed for <UID>."),
+        ("the service's answer for level 'DOE^JOHN' was empty", "the service's answer for level <value> was empty"),
+        ('a "DOE^JANE" from 127.0.0.1', "a <value> from 127.0.0.1"),
+        ("study 1.2.3 and series 1.2.3.4.5", "study <UID> and series <UID>"),
+    ],
+)
+def test_a_gateway_message_carries_no_uid_or_quoted_value_whatever_surrounds_it(message, shown):
+    from proxy.dimse.report import safe
+
+    assert safe(message) == shown

@@ -212,8 +212,7 @@ def test_a_token_that_arrives_expired_backs_off_and_blames_the_clock(start_proxy
     az.configure(lifetime=lifetime)
     proxy = start_proxy()
     wait_for(lambda: "clock may be wrong" in proxy.output(), what="the expired token to be refused")
-    # The backoff's schedule is proven on the fake clock (test_failures_back_off_...); here: no storm.
-    assert az.calls <= 2
+    # That it is retried on the backoff, never in a loop, is proven on the fake clock below.
     ready = requests.get(f"{proxy.url}/-/ready", timeout=10)
     assert ready.status_code == 503
     assert "clock may be wrong" in ready.json()["detail"]
@@ -518,12 +517,69 @@ async def test_az_runs_at_most_once_per_five_seconds_under_any_load():
     assert all(later - earlier >= 5 for earlier, later in zip(tried_at, tried_at[1:], strict=False))
 
 
+class ManualSleep:
+    """The refresher's sleep, ended by the test: `wake()` moves the fake clock on by what was asked."""
+
+    def __init__(self, clock: Clock) -> None:
+        self.clock, self.asked = clock, []
+        self._pending: asyncio.Future[None] | None = None
+
+    async def __call__(self, seconds: float) -> None:
+        self.asked.append(seconds)
+        if seconds > 0:
+            self._pending = asyncio.get_running_loop().create_future()
+            await self._pending
+            self.clock.now += seconds
+
+    def wake(self) -> None:
+        assert self._pending is not None and not self._pending.done(), "the refresher is not asleep"
+        self._pending.set_result(None)
+
+
 async def test_a_try_started_by_a_request_moves_the_refreshers_schedule():
     clock = Clock()
     credential = FakeCredential(OSError("offline"), clock=clock)
-    sleep = FakeSleep(clock, limit=1)
+    sleep = ManualSleep(clock)
     source = TokenSource(credential, SCOPE, clock=clock, sleep=sleep)
     source.start()
-    await asyncio.wait_for(sleep.blocked.wait(), 5)  # first try failed; the refresher sleeps 5 s, then holds
-    assert credential.calls == 1 and sleep.sleeps == [0.0, 5.0]
+    try:
+        await until(lambda: sleep.asked == [0.0, 5.0], "the first failure and its 5 s backoff")
+        clock.now += 5
+        with pytest.raises(TokenUnavailable):
+            await source.get()  # starts the next try itself
+        await until(lambda: len(sleep.asked) == 3, "the refresher to take the new schedule")
+        assert credential.calls == 2, "the refresher did not run az again at the old time"
+        assert sleep.asked[-1] == 5.0  # 5 s after the request's try, not at once
+    finally:
+        await source.close()
+
+
+async def test_after_a_refusal_the_refresher_retries_on_the_backoff_not_at_the_old_renewal():
+    clock = Clock()
+    credential = FakeCredential(3600, OSError("offline"), clock=clock)
+    sleep = ManualSleep(clock)
+    source = TokenSource(credential, SCOPE, clock=clock, sleep=sleep)
+    source.start()
+    try:
+        await until(lambda: sleep.asked == [0.0, 3300.0], "the first token and its renewal time")
+        assert source.refused(await source.get()) is True  # revoked: dropped
+        with pytest.raises(TokenUnavailable):
+            await source.get()  # the fresh try fails (offline)
+        await until(lambda: sleep.asked[-1] == 5.0, "the refresher to wake for the backoff")
+        sleep.wake()  # 5 s pass, no request comes: the refresher itself tries again
+        await until(lambda: credential.calls == 3, "the refresher's own retry")
+    finally:
+        await source.close()
+
+
+async def test_a_token_that_arrives_expired_is_retried_on_the_backoff_not_in_a_loop():
+    clock = Clock()
+    credential = FakeCredential(-100, clock=clock)  # every token already expired: a clock 100 s ahead
+    sleep = FakeSleep(clock, limit=4)
+    source = TokenSource(credential, SCOPE, clock=clock, sleep=sleep)
+    source.start()
+    await asyncio.wait_for(sleep.blocked.wait(), 5)
     await source.close()
+    assert sleep.sleeps == [0.0, 5.0, 5.0, 5.0, 8.0]
+    assert credential.calls == 4
+    assert "clock may be wrong" in str(source.last_error)

@@ -22,9 +22,11 @@ from .status import Failure
 logger = logging.getLogger("proxy.dimse")
 
 # Quoted text is what some libraries quote from their input (pydicom, pynetdicom): it may be anything a peer sent.
-_QUOTED = re.compile(r"'[^']*'|\"[^\"]*\"")
+# A quote opens only after a non-word character, so that an apostrophe ("the service's") opens nothing.
+_QUOTED = re.compile(r"(?<!\w)'[^']*'|(?<!\w)\"[^\"]*\"")
 # A UID (PS3.5 9.1): digits in at least three dot-separated components. An IPv4 address is kept (see `_uid`).
-_DOTTED = re.compile(r"(?<![\w.])[0-9]+(?:\.[0-9]+){2,}(?![\w.])")
+# A full stop after it ends a sentence, not the UID.
+_DOTTED = re.compile(r"(?<![\w.])[0-9]+(?:\.[0-9]+){2,}(?!\w|\.[0-9])")
 
 
 def _uid(match: re.Match[str]) -> str:

@@ -15,6 +15,7 @@ from typing import Any, TypedDict
 from prometheus_client import CollectorRegistry
 
 from ..errors import ProxyError, loggable
+from ..tokens import who
 
 # One answered request, kept raw and formatted only when the page is rendered: (finished at, epoch
 # seconds; method; path without the query; status, None when the exchange broke off; seconds taken).
@@ -98,9 +99,8 @@ class Snapshot(TypedDict):
 
 
 def identity(claims: dict[str, Any]) -> Identity:
-    """User and tenant from the token's claims (the same precedence as tokens.describe_identity)."""
-    who = claims.get("upn") or claims.get("unique_name") or claims.get("appid") or claims.get("oid") or "unknown"
-    return {"user": str(who), "tenant": str(claims.get("tid", "unknown"))}
+    """User and tenant from the token's claims."""
+    return {"user": who(claims), "tenant": str(claims.get("tid", "unknown"))}
 
 
 def problem(error: ProxyError) -> Problem:
