@@ -237,12 +237,8 @@ def test_a_short_lived_token_is_used(start_proxy, az, upstream):
 async def test_a_short_lived_token_is_refreshed_at_most_every_ten_seconds():
     clock = Clock()
     credential = FakeCredential(45, clock=clock)  # each token expires inside the 300 s refresh margin
-    sleep = FakeSleep(clock, limit=4)
-    source = TokenSource(credential, SCOPE, clock=clock, sleep=sleep)
-    source.start()
-    await asyncio.wait_for(sleep.blocked.wait(), 5)
-    await source.close()
-    assert sleep.sleeps == [0.0, 10.0, 10.0, 10.0, 10.0]
+    source, sleeps = await refresher_until_held(credential, clock, sleeps=4)
+    assert sleeps == [0.0, 10.0, 10.0, 10.0, 10.0]
     assert credential.calls == 4
 
 
@@ -359,29 +355,31 @@ class FakeSleep:
         await asyncio.sleep(0)
 
 
-async def test_the_refresher_renews_the_token_before_it_expires_without_a_request():
-    clock = Clock()
-    credential = FakeCredential(3600, clock=clock)
-    sleep = FakeSleep(clock, limit=2)
+async def refresher_until_held(credential: FakeCredential, clock: Clock, *, sleeps: int) -> tuple[TokenSource, list]:
+    """Run a source's refresher on the fake clock until its sleep number `sleeps` + 1; its sleeps so far."""
+    sleep = FakeSleep(clock, limit=sleeps)
     source = TokenSource(credential, SCOPE, clock=clock, sleep=sleep)
     source.start()
     await asyncio.wait_for(sleep.blocked.wait(), 5)
     await source.close()
+    return source, sleep.sleeps
+
+
+async def test_the_refresher_renews_the_token_before_it_expires_without_a_request():
+    clock = Clock()
+    credential = FakeCredential(3600, clock=clock)
+    source, sleeps = await refresher_until_held(credential, clock, sleeps=2)
     # Start-up fetches at once, then each token is renewed 300 s (the refresh margin) before it expires.
-    assert sleep.sleeps == [0.0, 3300.0, 3300.0]  # the third is where the test holds it
+    assert sleeps == [0.0, 3300.0, 3300.0]  # the third is where the test holds it
     assert credential.calls == 2
 
 
 async def test_failures_back_off_one_second_doubling_to_a_minute_and_never_within_five_seconds():
     clock = Clock()
     credential = FakeCredential(OSError("az is not there"), clock=clock)
-    sleep = FakeSleep(clock, limit=9)
-    source = TokenSource(credential, SCOPE, clock=clock, sleep=sleep)
-    source.start()
-    await asyncio.wait_for(sleep.blocked.wait(), 5)
-    await source.close()
+    source, sleeps = await refresher_until_held(credential, clock, sleeps=9)
     # 1 s doubling to a minute, but never within 5 s of the last try: az runs at most once per 5 s.
-    assert sleep.sleeps == [0.0, 5.0, 5.0, 5.0, 8.0, 16.0, 32.0, 60.0, 60.0, 60.0]
+    assert sleeps == [0.0, 5.0, 5.0, 5.0, 8.0, 16.0, 32.0, 60.0, 60.0, 60.0]
     assert "az is not there" in str(source.last_error)
 
 
@@ -575,11 +573,7 @@ async def test_after_a_refusal_the_refresher_retries_on_the_backoff_not_at_the_o
 async def test_a_token_that_arrives_expired_is_retried_on_the_backoff_not_in_a_loop():
     clock = Clock()
     credential = FakeCredential(-100, clock=clock)  # every token already expired: a clock 100 s ahead
-    sleep = FakeSleep(clock, limit=4)
-    source = TokenSource(credential, SCOPE, clock=clock, sleep=sleep)
-    source.start()
-    await asyncio.wait_for(sleep.blocked.wait(), 5)
-    await source.close()
-    assert sleep.sleeps == [0.0, 5.0, 5.0, 5.0, 8.0]
+    source, sleeps = await refresher_until_held(credential, clock, sleeps=4)
+    assert sleeps == [0.0, 5.0, 5.0, 5.0, 8.0]
     assert credential.calls == 4
     assert "clock may be wrong" in str(source.last_error)
