@@ -603,3 +603,55 @@ def test_a_small_answer_not_rewritten_keeps_its_digest(start_proxy, raw_upstream
     response, body = get(proxy.url, "/plain")
     assert (response.status, body) == (200, b"hello")
     assert response.headers["Content-MD5"] == "XUFAKrxLKna5cZ2REBfFkg=="
+
+
+def _answer(status: str, head: str, body: bytes) -> bytes:
+    return (
+        f"HTTP/1.1 {status}\r\nContent-Type: application/dicom+json\r\nContent-MD5: bWQ1\r\n{head}\r\n".encode() + body
+    )
+
+
+@pytest.mark.parametrize(
+    ("case", "kept"),
+    [
+        # Small, read whole: rewritten only when a link changed; inflated only when that was needed to.
+        ("link", {"Content-Length"}),
+        ("gzip-link", {"Content-Length"}),
+        ("gzip-no-link", {"Content-Length", "Content-MD5", "Content-Encoding"}),
+        ("not-gzip", {"Content-Length", "Content-MD5", "Content-Encoding"}),
+        # Streamed: decided before the first byte, so no length or digest is promised.
+        ("chunked-link", set()),
+        # A range starts mid-body: never rewritten.
+        ("range-link", {"Content-Length", "Content-MD5"}),
+    ],
+)
+def test_an_answer_loses_exactly_the_headers_its_rewriting_made_stale(start_proxy, raw_upstream, case, kept):
+    answers: dict[str, bytes] = {}
+    base = raw_upstream(answers)  # answered from this dict, filled once the base its links name is known
+    link = f'[{{"00081190": {{"vr": "UR", "Value": ["{base}/v2/studies/1"]}}}}]'.encode()
+    gzipped, empty = gzip.compress(link), gzip.compress(b"[]")
+    sized = "Content-Length: {}\r\n".format
+    answers.update(
+        {
+            "/link": _answer("200 OK", sized(len(link)), link),
+            "/gzip-link": _answer("200 OK", "Content-Encoding: gzip\r\n" + sized(len(gzipped)), gzipped),
+            "/gzip-no-link": _answer("200 OK", "Content-Encoding: gzip\r\n" + sized(len(empty)), empty),
+            "/not-gzip": _answer("200 OK", "Content-Encoding: gzip\r\n" + sized(len(link)), link),
+            "/chunked-link": _answer(
+                "200 OK", "Transfer-Encoding: chunked\r\n", f"{len(link):x}\r\n".encode() + link + b"\r\n0\r\n\r\n"
+            ),
+            "/range-link": _answer(
+                "206 Partial Content", f"Content-Range: bytes 0-{len(link) - 1}/99999\r\n" + sized(len(link)), link
+            ),
+        }
+    )
+    proxy = start_proxy(upstream_url=base)
+    response, body = get(proxy.url, f"/{case}")
+    assert response.status == (206 if case == "range-link" else 200)
+    present = {name for name in ("Content-Length", "Content-MD5", "Content-Encoding") if response.getheader(name)}
+    assert present == kept
+    if "Content-Length" in kept:
+        assert int(response.getheader("Content-Length")) == len(body)
+    rewritten = link.replace(base.encode(), proxy.url.encode())
+    expected = {"gzip-no-link": empty, "not-gzip": link, "range-link": link}.get(case, rewritten)
+    assert body == expected
