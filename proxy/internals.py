@@ -13,6 +13,8 @@ from dataclasses import dataclass
 
 import aiohttp
 from aiohttp import web
+from aiohttp.client_proto import ResponseHandler
+from aiohttp.client_reqrep import ConnectionKey
 from multidict import CIMultiDict
 
 
@@ -53,6 +55,7 @@ RELIED_ON = (
         "_skip_auto_headers",
         "AsBuiltRequest: which headers aiohttp must not add to a request (it also reads it for Content-Type)",
     ),
+    Internal(aiohttp.TCPConnector, "_release", "WarmConnector: where a used connection goes back to the pool"),
 )
 
 
@@ -90,3 +93,20 @@ class AsBuiltRequest(aiohttp.ClientRequest):
 
     def update_auto_headers(self, skip_auto_headers: Iterable[str] | None) -> None:
         self._skip_auto_headers = _AUTOMATIC_HEADERS
+
+
+class WarmConnector(aiohttp.TCPConnector):
+    """aiohttp's pool, handing out the most recently used idle connection first.
+
+    aiohttp's own pool is first-in first-out: requests made one after another (a viewer scrolling, one
+    frame at a time) rotate through every idle connection, each idle long enough for Linux to have reset
+    its congestion window (tcp_slow_start_after_idle). The one used last is still warm. Idle connections
+    sit in `_conns[key]`, a deque that `_get` takes from the front; the one just released goes there.
+    (`_conns` is set in `__init__`, so tests/test_session.py checks it on an instance.)
+    """
+
+    def _release(self, key: ConnectionKey, protocol: ResponseHandler, *, should_close: bool = False) -> None:
+        super()._release(key, protocol, should_close=should_close)
+        idle = self._conns.get(key)
+        if idle and idle[-1][0] is protocol:
+            idle.rotate(1)

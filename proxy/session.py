@@ -7,7 +7,7 @@ import ssl
 import aiohttp
 
 from .errors import UpstreamTimeout, UpstreamUnreachable
-from .internals import AsBuiltRequest
+from .internals import AsBuiltRequest, WarmConnector
 from .settings import Settings
 
 # Large reads keep the per-chunk Python work small on multi-GiB retrieves while bounding memory per
@@ -27,7 +27,9 @@ def upstream_session(settings: Settings) -> aiohttp.ClientSession:
     if settings.ca_bundle is not None:
         tls.load_verify_locations(cafile=str(settings.ca_bundle))
     return aiohttp.ClientSession(
-        connector=aiohttp.TCPConnector(ssl=tls, limit=0, enable_cleanup_closed=False),
+        connector=WarmConnector(
+            ssl=tls, limit=0, enable_cleanup_closed=False, keepalive_timeout=settings.upstream_idle
+        ),
         cookie_jar=aiohttp.DummyCookieJar(),
         auto_decompress=False,
         request_class=UpstreamRequest,

@@ -38,7 +38,7 @@ async def test_an_idle_connection_is_kept_for_upstream_idle_seconds_and_no_longe
     async with aiohttp.ClientSession() as client:
         for proxy in (kept, dropped):
             assert await fetch(client, f"{proxy.url}/echo/first") == 200
-        await asyncio.sleep(2)  # longer than one proxy's idle time, shorter than the other's
+        await asyncio.sleep(3)  # longer than one proxy's idle time, shorter than the other's
         for proxy in (kept, dropped):
             assert await fetch(client, f"{proxy.url}/echo/second") == 200
     peers = [seen.peer for seen in upstream.seen]
