@@ -19,10 +19,12 @@ from pathlib import Path
 from typing import Any
 
 import aiohttp
+from multidict import CIMultiDict
 from yarl import URL
 
 from ..auth import send_with_token
 from ..errors import TokenRefused, TokenUnavailable, UpstreamUnreachable
+from ..headers import upstream_request_headers
 from ..session import upstream_failure
 from ..settings import Settings
 from ..tokens import TokenSource
@@ -152,12 +154,16 @@ class DicomWebClient:
         `what` names the request in failures ("a search"): its URL holds UIDs, which no message may carry.
         """
 
+        given = CIMultiDict(headers)
+
         async def send(token: str) -> aiohttp.ClientResponse:
             try:
                 return await self._session.request(
                     method,
                     url,
-                    headers={**headers, "Authorization": f"Bearer {token}"},
+                    # The rules every request that leaves the proxy follows; no HTTP client stands behind this
+                    # one, so it carries no X-Forwarded-*.
+                    headers=upstream_request_headers(given, token=token),
                     data=body() if body is not None else None,
                     allow_redirects=False,
                     proxy=self._proxy,
