@@ -39,6 +39,7 @@ from .logs import MALFORMED, AccessLogger, access_line, sent_bytes
 from .metrics import Metrics
 from .observe import REQUEST_ID, REQUEST_ID_HEADER, Readiness, RequestIds, health
 from .process import DescriptorShortage, raise_open_file_limit, stop_on_signals
+from .readahead import ReadAhead
 from .session import READ_BUFFER, upstream_session
 from .settings import Settings, is_loopback
 from .status import StatusPage, recent_requests
@@ -99,6 +100,7 @@ class Proxy:
         self._session: aiohttp.ClientSession | None = None
         self.tokens: TokenSource | None = None
         self._forwarder: Forwarder | None = None
+        self.read_ahead: ReadAhead | None = None
         self._gateway: Gateway | None = None
         self._local: dict[str, Endpoint] = {}
         # The last requests, for the status page: one append per request, formatted only when shown.
@@ -117,7 +119,12 @@ class Proxy:
         )
         self.metrics.watch(tokens)
         self._session = self._given_session or upstream_session(settings)
-        self._forwarder = Forwarder(settings, session=self._session, tokens=tokens, decorate=self.decorate)
+        if settings.read_ahead > 0:
+            self.read_ahead = ReadAhead(settings, session=self._session, tokens=tokens)
+            self.metrics.watch_read_ahead(self.read_ahead)
+        self._forwarder = Forwarder(
+            settings, session=self._session, tokens=tokens, decorate=self.decorate, read_ahead=self.read_ahead
+        )
         status = StatusPage(
             settings,
             tokens=tokens,
@@ -145,6 +152,8 @@ class Proxy:
         # The gateway first: its associations still use the token source and the session.
         if self._gateway is not None:
             await self._gateway.close()
+        if self.read_ahead is not None:
+            await self.read_ahead.close()
         if self.tokens is not None:
             await self.tokens.close()
         if self._given_session is None and self._session is not None:

@@ -28,10 +28,11 @@ from .errors import (
     UpstreamUnreachable,
     loggable,
 )
-from .headers import client_response_headers, split_host, upstream_request_headers
+from .headers import Headers, client_response_headers, split_host, upstream_request_headers
 from .internals import AsSentResponse, AsSentStreamResponse
 from .logs import SENT_BEFORE_CUT
 from .plan import WHOLE_ANSWER_LIMIT, AnswerPlan, plan_answer
+from .readahead import Buffered, InstanceScanner, ReadAhead
 from .rewrite import (
     BaseMapping,
     BodyTransform,
@@ -115,11 +116,13 @@ class Forwarder:
         session: aiohttp.ClientSession,
         tokens: TokenSource,
         decorate: Decorate | None = None,
+        read_ahead: ReadAhead | None = None,
     ) -> None:
         self._settings = settings
         self._session = session
         self._tokens = tokens
         self._decorate = decorate
+        self._read_ahead = read_ahead
         self._silence = settings.read_timeout
         self._origin = str(settings.upstream.origin())
         self._base_path = settings.upstream.raw_path.rstrip("/")
@@ -138,6 +141,11 @@ class Forwarder:
 
     async def __call__(self, request: web.BaseRequest) -> web.StreamResponse:
         url = self.upstream_url(request.raw_path)
+        if self._read_ahead is not None and not request.body_exists:
+            client = (request.remote, request.scheme, request.host)
+            buffered = await self._read_ahead.take(request.method, request.raw_path, request.headers, client)
+            if buffered is not None:
+                return await self._from_buffer(request, buffered)
         body = await self._request_body(request)
         upstream = await send_with_token(
             self._tokens,
@@ -193,7 +201,7 @@ class Forwarder:
             client_host=request.host,
         )
         try:
-            return await self._session.request(
+            response = await self._session.request(
                 request.method,
                 url,
                 headers=headers,
@@ -212,11 +220,41 @@ class Forwarder:
                 raise
             request[UPSTREAM_FAILURE], error = failure
             raise error from exc
+        if response.status in (401, 403) and self._read_ahead is not None:
+            self._read_ahead.clear(f"the service refused a request ({response.status})")
+        return response
+
+    async def _from_buffer(self, request: web.BaseRequest, buffered: Buffered) -> web.StreamResponse:
+        """An answer read ahead, with the headers every answer gets (it holds no link: only such are kept).
+        A large one goes out a piece at a time, each let go once written, so memory is not held twice."""
+        headers = self._response_headers(request, buffered.headers, self._mapping(request))
+        pieces = buffered.pieces
+        if buffered.size <= WHOLE_ANSWER_LIMIT:
+            body = b"".join(pieces)
+            return AsSentResponse(status=buffered.status, reason=buffered.reason, headers=headers, body=body)
+        response = AsSentStreamResponse(status=buffered.status, reason=buffered.reason, headers=headers)
+        await response.prepare(request)
+        silence = Silence(self._silence, partial(self._stopped_reading, request))
+        try:
+            pieces.reverse()
+            while pieces:
+                if not await self._write(request, response, silence, pieces.pop()):
+                    return response
+            await self._write(request, response, silence, None)
+        finally:
+            silence.close()
+        return response
+
+    def _mapping(self, request: web.BaseRequest) -> BaseMapping | None:
+        """The rewrite for this request's answer: worked out once per request, used for headers and body."""
+        if not self._settings.rewrite:
+            return None
+        return mapping_for(self._origin, self._base_path, local_origin(request))
 
     def _response_headers(
-        self, request: web.BaseRequest, upstream: aiohttp.ClientResponse, mapping: BaseMapping | None
+        self, request: web.BaseRequest, upstream: Headers, mapping: BaseMapping | None
     ) -> CIMultiDict[str]:
-        headers = client_response_headers(upstream.headers)
+        headers = client_response_headers(upstream)
         if self._decorate is not None:
             self._decorate(request, headers)
         if mapping is not None:
@@ -227,19 +265,34 @@ class Forwarder:
         return headers
 
     async def _relay(self, request: web.BaseRequest, upstream: aiohttp.ClientResponse) -> web.StreamResponse:
-        # Worked out once per request: the headers and the body both use it.
-        mapping = mapping_for(self._origin, self._base_path, local_origin(request)) if self._settings.rewrite else None
-        headers = self._response_headers(request, upstream, mapping)
+        mapping = self._mapping(request)
+        headers = self._response_headers(request, upstream.headers, mapping)
         plan = plan_answer(request.method, upstream.status, upstream.content_length, headers, mapping)
         transform = plan.transform()
+        scanner = self._scanner(request, upstream.status)
         ready: Iterable[bytes] = ()
         if plan.whole:
             small = await self._small(request, upstream, plan, headers, transform)
             if isinstance(small, web.Response):
+                if scanner is not None and isinstance(small.body, bytes) and "Content-Encoding" not in small.headers:
+                    scanner.feed(small.body)
+                    self._learned(request, scanner)
                 return small
             ready = small  # inflates past the limit: the rest streams as it inflates
         headers = plan.headers(headers, transformed=transform is not None)
-        return await self._stream(request, upstream, headers, transform, ready)
+        if "Content-Encoding" in headers:
+            scanner = None  # compressed as it goes out: nothing to read in it
+        return await self._stream(request, upstream, headers, transform, ready, scanner)
+
+    def _scanner(self, request: web.BaseRequest, status: int) -> InstanceScanner | None:
+        """Read-ahead's look at a series' metadata on its way to the client, to learn the series' instances."""
+        if self._read_ahead is None or status != 200:
+            return None
+        return self._read_ahead.scanner_for(request.method, request.raw_path)
+
+    def _learned(self, request: web.BaseRequest, scanner: InstanceScanner) -> None:
+        if self._read_ahead is not None:
+            self._read_ahead.learned(request.raw_path, scanner)
 
     async def _small(
         self,
@@ -279,8 +332,10 @@ class Forwarder:
         headers: CIMultiDict[str],
         transform: BodyTransform | None,
         ready: Iterable[bytes] = (),
+        scanner: InstanceScanner | None = None,
     ) -> web.StreamResponse:
-        """Stream the answer out: `ready` (output of a body read whole) first, then the rest from the upstream."""
+        """Stream the answer out: `ready` (output of a body read whole) first, then the rest from the upstream;
+        `scanner` sees what goes out."""
         response = AsSentStreamResponse(status=upstream.status, reason=upstream.reason, headers=headers)
         await response.prepare(request)
         if request.transport is not None and transform is None:
@@ -296,6 +351,8 @@ class Forwarder:
             pieces: Iterable[bytes] = ready
             while True:
                 for piece in pieces:
+                    if scanner is not None:
+                        scanner.feed(piece)
                     if piece and not await self._write(request, response, silence, piece):
                         return response
                     if inflating:
@@ -304,9 +361,14 @@ class Forwarder:
                 if not chunk:
                     break
                 pieces = (chunk,) if transform is None else transform.feed(chunk)
-            if transform is not None and not await self._write(request, response, silence, transform.finish()):
-                return response
-            await self._write(request, response, silence, None)
+            if transform is not None:
+                last = transform.finish()
+                if scanner is not None:
+                    scanner.feed(last)
+                if not await self._write(request, response, silence, last):
+                    return response
+            if await self._write(request, response, silence, None) and scanner is not None:
+                self._learned(request, scanner)
         except (TimeoutError, aiohttp.ClientError, DecodeError) as exc:
             _broke_off(request, exc)
         finally:

@@ -16,6 +16,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, G
 from prometheus_client.metrics_core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
 from prometheus_client.registry import Collector
 
+from .readahead import ReadAhead
 from .tokens import TokenSource
 
 _KNOWN_METHODS = frozenset({"GET", "HEAD", "OPTIONS", "POST", "PUT", "PATCH", "DELETE"})
@@ -65,6 +66,9 @@ class Metrics:
             return max(0.0, token.expires_on - clock()) if token else 0.0
 
         self.token_expires_in.set_function(expires_in)
+
+    def watch_read_ahead(self, read_ahead: ReadAhead) -> None:
+        self.registry.register(ReadAheadCounts(read_ahead))
 
     async def endpoint(self, request: web.BaseRequest) -> web.Response:
         response = web.Response(body=generate_latest(self.registry))
@@ -140,3 +144,40 @@ class Traffic(Collector):
         for kind, count in sorted(self.upstream_errors.items()):
             errors.add_metric([kind], count)
         yield errors
+
+
+class ReadAheadCounts(Collector):
+    """What read-ahead did: hits and misses of client requests, and the bytes it fetched and wasted."""
+
+    def __init__(self, read_ahead: ReadAhead) -> None:
+        self._read_ahead = read_ahead
+
+    def collect(self) -> Iterator[Metric]:
+        counts = self._read_ahead.counts
+        yield CounterMetricFamily(
+            "dicom_proxy_read_ahead_hits", "Client requests answered from read-ahead", value=counts.hits
+        )
+        yield CounterMetricFamily(
+            "dicom_proxy_read_ahead_misses",
+            "Client requests for a frame of a series being read ahead that went to the service",
+            value=counts.misses,
+        )
+        yield CounterMetricFamily(
+            "dicom_proxy_read_ahead_requests", "Requests read-ahead sent to the service", value=counts.requests
+        )
+        yield CounterMetricFamily(
+            "dicom_proxy_read_ahead_fetched_bytes", "Body bytes read ahead from the service", value=counts.fetched_bytes
+        )
+        yield CounterMetricFamily(
+            "dicom_proxy_read_ahead_wasted_bytes",
+            "Bytes read ahead and dropped unserved (expired, cleared, or cut off at the cap)",
+            value=counts.wasted_bytes,
+        )
+        yield GaugeMetricFamily(
+            "dicom_proxy_read_ahead_buffered_bytes", "Bytes held by read-ahead now", value=self._read_ahead.buffered
+        )
+        yield GaugeMetricFamily(
+            "dicom_proxy_read_ahead_pending",
+            "Read-ahead requests queued or on their way now",
+            value=self._read_ahead.pending,
+        )

@@ -78,6 +78,12 @@ OPTIONS = (
     Option("upstream_idle", "--upstream-idle", "DICOM_PROXY_UPSTREAM_IDLE",
            "how long an idle upstream connection is kept for the next request (below the service's own idle "
            "timeout, about 4 minutes)", "float", metavar="SECONDS", limits=(0, _DAY)),
+    Option("read_ahead_mib", "--read-ahead-mib", "DICOM_PROXY_READ_AHEAD_MIB",
+           "memory for frames fetched ahead of a viewer that reads a series frame by frame (0 turns read-ahead "
+           "off)", "int", metavar="MIB", limits=(-1, 64 * 1024)),
+    Option("read_ahead_requests", "--read-ahead-requests", "DICOM_PROXY_READ_AHEAD_REQUESTS",
+           "most requests read-ahead sends the service at once (the viewer's own come on top)", "int", metavar="N",
+           limits=(0, 256)),
     Option("shutdown_grace", "--shutdown-grace", "DICOM_PROXY_SHUTDOWN_GRACE", "time in-flight requests get on SIGTERM",
            "float", metavar="SECONDS", limits=(0, _DAY)),
     Option("workers", "--workers", "DICOM_PROXY_WORKERS",

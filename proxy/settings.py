@@ -63,6 +63,10 @@ class Settings:
     # Idle upstream connections are kept this long: longer than a person's pause between two studies (a new
     # TLS connection costs two round trips), shorter than the service front end's idle timeout (~4 min).
     upstream_idle: float = 120.0
+    # Frames read ahead of a viewer (proxy/readahead.py): at most this many bytes held (0: off), fetched at
+    # most read_ahead_requests at a time.
+    read_ahead: int = 128 * 1024 * 1024
+    read_ahead_requests: int = 16
     # Rewrite upstream URLs in Location/Content-Location and JSON/XML bodies (as they stream). rewrite_limit
     # no longer bounds anything; it is still read so that older configurations start.
     rewrite: bool = True
@@ -128,6 +132,8 @@ def default_text(option: Option) -> str:
         return DEFAULT_LISTEN
     if option.name == "rewrite_limit_mib":
         return f"{fields['rewrite_limit'] // (1024 * 1024)}"  # type: ignore[operator]
+    if option.name == "read_ahead_mib":
+        return f"{fields['read_ahead'] // (1024 * 1024)}"  # type: ignore[operator]
     value = fields.get(option.name)
     if value is None or value == () or value is dataclasses.MISSING:
         return ""

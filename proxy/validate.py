@@ -83,6 +83,8 @@ def _numbers(raw: Mapping[str, Any]) -> dict[str, Any]:
             )
     if "rewrite_limit_mib" in found:
         found["rewrite_limit"] = int(found.pop("rewrite_limit_mib") * 1024 * 1024)
+    if "read_ahead_mib" in found:
+        found["read_ahead"] = found.pop("read_ahead_mib") * 1024 * 1024
     return found
 
 

@@ -61,6 +61,25 @@ def gzip_bomb(link: str, mib: int) -> bytes:
     return head + spaces * mib + tail + struct.pack("<II", zlib.crc32(b"]", crc), size & 0xFFFFFFFF)
 
 
+FRAME_BOUNDARY = "frame-boundary-41"
+
+
+def series_uid(instances: int, frame_bytes: int) -> str:
+    """A series the fake service makes up on demand: `instances` single-frame instances of `frame_bytes` each."""
+    return f"9.{instances}.{frame_bytes}"
+
+
+def frame_payload(instance: int, size: int) -> Iterator[bytes]:
+    """The pixel data of one instance's frame, different for every instance, in pieces of at most 1 MiB."""
+    offset = (instance * 7919) % len(BLOCK)
+    rotated = BLOCK[offset:] + BLOCK[:offset]
+    sent = 0
+    while sent < size:
+        piece = rotated[: min(len(rotated), size - sent)]
+        yield piece
+        sent += len(piece)
+
+
 def token_claims(token: str) -> dict[str, object]:
     payload = token.split(".")[1]
     return json.loads(base64.urlsafe_b64decode(payload + "=" * (-len(payload) % 4)))
@@ -94,6 +113,8 @@ class Upstream:
     sent_digests: dict[str, str] = field(default_factory=dict)
     # When set, every request with a valid token gets this status (403: the identity has no DICOM role).
     refuse_with: int | None = None
+    # When set, frames are answered 429 Too Many Requests.
+    throttle_frames: bool = False
     _loop: asyncio.AbstractEventLoop | None = None
     _runner: web.AppRunner | None = None
     _thread: threading.Thread | None = None
@@ -142,6 +163,8 @@ class Upstream:
         app.router.add_get("/v2/gzip-json/{mib}", self._gzip_metadata)
         app.router.add_get("/v2/gzip-bomb/{mib}", self._gzip_bomb)
         app.router.add_get("/v2/studies/{study}/series", self._multipart)
+        app.router.add_get("/v2/studies/{study}/series/{series}/metadata", self._series_metadata)
+        app.router.add_get("/v2/studies/{study}/series/{series}/instances/{instance}/frames/{frame}", self._frame)
         app.router.add_get("/bytes/{size}", self._bytes)
         app.router.add_get("/reset/{size}", self._reset)
         app.router.add_get("/slow/{seconds}", self._slow)
@@ -293,6 +316,56 @@ class Upstream:
     async def _multipart(self, request: web.Request) -> web.Response:
         body = b"--xyz\r\nContent-Type: application/dicom\r\n\r\nDICM\r\n--xyz--\r\n"
         return web.Response(body=body, headers={"Content-Type": "multipart/related; boundary=xyz"})
+
+    async def _series_metadata(self, request: web.Request) -> web.Response:
+        """DICOM JSON for a made-up series (see series_uid), its links pointing at the service."""
+        study, series = request.match_info["study"], request.match_info["series"]
+        count = int(series.split(".")[1])
+        instances = []
+        for number in range(1, count + 1):
+            uid = f"{series}.{number}"
+            link = self.link(request, f"/v2/studies/{study}/series/{series}/instances/{uid}")
+            instances.append(
+                {
+                    "00080018": {"vr": "UI", "Value": [uid]},
+                    "0020000D": {"vr": "UI", "Value": [study]},
+                    "0020000E": {"vr": "UI", "Value": [series]},
+                    "00200013": {"vr": "IS", "Value": [number]},
+                    "00081190": {"vr": "UR", "Value": [link]},
+                    "7FE00010": {"vr": "OW", "BulkDataURI": f"{link}/frames/1"},
+                }
+            )
+        return web.json_response(instances, content_type="application/dicom+json")
+
+    async def _frame(self, request: web.Request) -> web.StreamResponse:
+        """One frame as multipart/related, its bytes' digest kept in sent_digests."""
+        series, instance = request.match_info["series"], request.match_info["instance"]
+        if request.match_info["frame"] != "1" or not instance.startswith(series + "."):
+            return web.json_response({"error": "no such frame"}, status=404)
+        if self.throttle_frames:
+            return web.json_response({"error": "too many requests"}, status=429, headers={"Retry-After": "60"})
+        size = int(series.split(".")[2])
+        head = f"--{FRAME_BOUNDARY}\r\nContent-Type: application/octet-stream\r\n\r\n".encode()
+        tail = f"\r\n--{FRAME_BOUNDARY}--\r\n".encode()
+        response = web.StreamResponse(
+            headers={
+                "Content-Type": f'multipart/related; type="application/octet-stream"; boundary={FRAME_BOUNDARY}',
+                "ETag": f'"{instance}"',
+                "Content-Location": self.link(request, request.path),
+            }
+        )
+        response.content_length = len(head) + size + len(tail)
+        await response.prepare(request)
+        digest = hashlib.sha256(head)
+        await response.write(head)
+        for piece in frame_payload(int(instance.rsplit(".", 1)[1]), size):
+            digest.update(piece)
+            await response.write(piece)
+        digest.update(tail)
+        await response.write(tail)
+        await response.write_eof()
+        self.sent_digests[request.raw_path] = digest.hexdigest()
+        return response
 
     async def _studies(self, request: web.Request) -> web.Response:
         return web.json_response([], content_type="application/dicom+json")

@@ -43,6 +43,11 @@
     put("upstream-errors", Object.values(c.upstream_errors).reduce(function (a, b) { return a + b; }, 0));
     put("tokens-ok", c.token_acquisitions.ok);
     put("tokens-error", c.token_acquisitions.error);
+    if (c.read_ahead) {
+      put("read-ahead-hits", c.read_ahead.hits);
+      put("read-ahead-misses", c.read_ahead.misses);
+      put("read-ahead-wasted", bytes(c.read_ahead.wasted_bytes));
+    }
     each("recent", function (body) {
       var rows = s.recent.map(function (r) {
         var tr = document.createElement("tr");

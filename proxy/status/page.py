@@ -183,6 +183,13 @@ def _stats(snapshot: Snapshot) -> str:
         _stat("tokens-ok", counts["token_acquisitions"]["ok"], "tokens acquired"),
         _stat("tokens-error", counts["token_acquisitions"]["error"], "token failures"),
     ]
+    read_ahead = counts["read_ahead"]
+    if read_ahead is not None:
+        stats += [
+            _stat("read-ahead-hits", read_ahead["hits"], "frames served from read-ahead"),
+            _stat("read-ahead-misses", read_ahead["misses"], "read-ahead misses"),
+            _stat("read-ahead-wasted", format_bytes(read_ahead["wasted_bytes"]), "read ahead, never asked for"),
+        ]
     return "\n".join(stats)
 
 

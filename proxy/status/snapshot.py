@@ -50,6 +50,13 @@ class Problem(TypedDict):
     hint: str
 
 
+class ReadAheadCounters(TypedDict):
+    hits: int
+    misses: int
+    wasted_bytes: int
+    buffered_bytes: int
+
+
 class Counters(TypedDict):
     requests: dict[str, int]
     received_bytes: int
@@ -57,6 +64,7 @@ class Counters(TypedDict):
     in_flight: int
     upstream_errors: dict[str, int]
     token_acquisitions: dict[str, int]
+    read_ahead: ReadAheadCounters | None  # None: read-ahead is off (--read-ahead-mib 0)
 
 
 class Recent(TypedDict):
@@ -116,6 +124,10 @@ _COUNTED = {
     "dicom_proxy_requests_in_flight": None,
     "dicom_proxy_upstream_errors_total": "kind",
     "dicom_proxy_token_acquisitions_total": "result",
+    "dicom_proxy_read_ahead_hits_total": None,
+    "dicom_proxy_read_ahead_misses_total": None,
+    "dicom_proxy_read_ahead_wasted_bytes_total": None,
+    "dicom_proxy_read_ahead_buffered_bytes": None,
 }
 
 
@@ -136,6 +148,18 @@ def counters(registry: CollectorRegistry) -> Counters:
         "in_flight": totals["dicom_proxy_requests_in_flight"].get("", 0),
         "upstream_errors": dict.fromkeys(_UPSTREAM_FAILURES, 0) | totals["dicom_proxy_upstream_errors_total"],
         "token_acquisitions": {"ok": 0, "error": 0} | totals["dicom_proxy_token_acquisitions_total"],
+        "read_ahead": _read_ahead(totals),
+    }
+
+
+def _read_ahead(totals: dict[str, dict[str, int]]) -> ReadAheadCounters | None:
+    if not totals["dicom_proxy_read_ahead_hits_total"]:
+        return None
+    return {
+        "hits": totals["dicom_proxy_read_ahead_hits_total"][""],
+        "misses": totals["dicom_proxy_read_ahead_misses_total"].get("", 0),
+        "wasted_bytes": totals["dicom_proxy_read_ahead_wasted_bytes_total"].get("", 0),
+        "buffered_bytes": totals["dicom_proxy_read_ahead_buffered_bytes"].get("", 0),
     }
 
 
