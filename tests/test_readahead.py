@@ -1,0 +1,198 @@
+"""Read-ahead: frames of a series fetched ahead of a viewer, served byte for byte as the service sent them."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+
+import aiohttp
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+from .conftest import wait_for
+from .upstream import series_uid, token_claims
+
+FRAME_ACCEPT = 'multipart/related; type="application/octet-stream"; transfer-syntax=*'
+STUDY = "1.2.3"
+# Headers that differ between two answers to the same request whatever the proxy does.
+_PER_ANSWER = {"date", "x-request-id"}
+
+
+def frame_path(series: str, number: int) -> str:
+    return f"/v2/studies/{STUDY}/series/{series}/instances/{series}.{number}/frames/1"
+
+
+async def metadata(client: aiohttp.ClientSession, base: str, series: str) -> list[dict]:
+    async with client.get(
+        f"{base}/v2/studies/{STUDY}/series/{series}/metadata", headers={"Accept": "application/dicom+json"}
+    ) as response:
+        assert response.status == 200
+        return await response.json(content_type=None)
+
+
+async def frames(
+    base: str, series: str, numbers: list[int], *, connections: int = 6, with_metadata: bool = True
+) -> dict[str, tuple[int, str, list[tuple[str, str]]]]:
+    """Fetch the frames `numbers` as a browser does (six connections); per path: status, sha256, headers."""
+    got: dict[str, tuple[int, str, list[tuple[str, str]]]] = {}
+    connector = aiohttp.TCPConnector(limit=connections)
+    async with aiohttp.ClientSession(connector=connector, auto_decompress=False) as client:
+        if with_metadata:
+            await metadata(client, base, series)
+        gate = asyncio.Semaphore(connections)
+
+        async def one(number: int) -> None:
+            path = frame_path(series, number)
+            async with gate, client.get(base + path, headers={"Accept": FRAME_ACCEPT}) as response:
+                digest = hashlib.sha256()
+                async for chunk in response.content.iter_any():
+                    digest.update(chunk)
+                headers = [(k, v) for k, v in response.headers.items() if k.lower() not in _PER_ANSWER]
+                got[path] = (response.status, digest.hexdigest(), headers)
+
+        if connections == 1:
+            for number in numbers:
+                await one(number)
+        else:
+            await asyncio.gather(*(one(number) for number in numbers))
+    return got
+
+
+def metric(base: str, name: str) -> float:
+    import urllib.request
+
+    with urllib.request.urlopen(f"{base}/-/metrics") as answer:
+        text = answer.read().decode()
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            if sample.name == name:
+                return sample.value
+    raise AssertionError(f"{name} is not in /-/metrics")
+
+
+def frame_requests(upstream, series: str) -> list:
+    return [seen for seen in upstream.seen if f"/series/{series}/instances/" in seen.raw_path]
+
+
+def assert_the_services_bytes(got, upstream, count: int) -> None:
+    assert len(got) == count
+    for path, (status, digest, _) in got.items():
+        assert status == 200, path
+        assert digest == upstream.sent_digests[path], path
+
+
+async def test_frames_read_ahead_are_the_services_bytes_and_headers(start_proxy, upstream):
+    series = series_uid(60, 96 * 1024)
+    reading, plain = start_proxy(), start_proxy("--read-ahead-mib", "0")
+    got = await frames(reading.url, series, list(range(1, 61)))
+    assert_the_services_bytes(got, upstream, 60)
+    # Each frame crossed the link once: read ahead, or asked for by the viewer before read-ahead got to it.
+    paths = [seen.raw_path for seen in frame_requests(upstream, series)]
+    assert sorted(paths) == sorted(got)
+    hits = metric(reading.url, "dicom_proxy_read_ahead_hits_total")
+    assert hits >= 30, f"only {hits:g} of 60 frames came from read-ahead"
+    assert metric(reading.url, "dicom_proxy_read_ahead_misses_total") == 60 - hits
+    # The same frames without read-ahead: the same status, bytes and headers (Content-Location rewritten).
+    direct = await frames(plain.url, series, list(range(1, 61)))
+    for path, (status, digest, headers) in got.items():
+        assert direct[path][:2] == (status, digest)
+        assert [(k, v.replace(plain.url, reading.url)) for k, v in direct[path][2]] == headers
+    assert any(k == "Content-Location" and v.startswith(reading.url) for k, v in got[frame_path(series, 60)][2])
+
+
+async def test_read_ahead_off_sends_the_service_exactly_what_the_client_asked(start_proxy, upstream):
+    series = series_uid(30, 16 * 1024)
+    proxy = start_proxy("--read-ahead-mib", "0")
+    got = await frames(proxy.url, series, [1, 2, 3])
+    assert_the_services_bytes(got, upstream, 3)
+    asked = [seen.raw_path for seen in upstream.seen]
+    assert asked == [f"/v2/studies/{STUDY}/series/{series}/metadata", *sorted(got)] or sorted(asked[1:]) == sorted(got)
+    assert len(asked) == 4
+    with pytest.raises(AssertionError, match="not in /-/metrics"):
+        metric(proxy.url, "dicom_proxy_read_ahead_hits_total")
+
+
+async def test_a_client_that_asks_in_reverse_order_costs_the_service_nothing_more(start_proxy, upstream):
+    series = series_uid(40, 32 * 1024)
+    proxy = start_proxy("--read-ahead-requests", "1")  # a long queue, which the client's requests overtake
+    got = await frames(proxy.url, series, list(range(40, 0, -1)))
+    assert_the_services_bytes(got, upstream, 40)
+    wait_for(lambda: metric(proxy.url, "dicom_proxy_read_ahead_pending") == 0, what="read-ahead to settle")
+    paths = [seen.raw_path for seen in frame_requests(upstream, series)]
+    assert sorted(paths) == sorted(got), "a frame was fetched twice, or one nobody asked for"
+    assert metric(proxy.url, "dicom_proxy_read_ahead_hits_total") > 0, "read-ahead did not follow the client down"
+
+
+async def test_one_frame_alone_costs_at_most_the_cap(start_proxy, upstream):
+    series = series_uid(100, 128 * 1024)
+    proxy = start_proxy("--read-ahead-mib", "1", "--read-ahead-requests", "4")
+    got = await frames(proxy.url, series, [1])
+    assert_the_services_bytes(got, upstream, 1)
+    wait_for(lambda: metric(proxy.url, "dicom_proxy_read_ahead_pending") == 0, what="read-ahead to settle")
+    fetched = metric(proxy.url, "dicom_proxy_read_ahead_fetched_bytes_total")
+    assert 0 < fetched
+    assert metric(proxy.url, "dicom_proxy_read_ahead_buffered_bytes") <= 1024 * 1024
+    # No more than the window (4 per request read ahead at once) was even asked for.
+    assert len(frame_requests(upstream, series)) <= 1 + 4 * 4
+
+
+@pytest.mark.slow
+async def test_the_cap_holds_with_a_1_gb_series(start_proxy, upstream):
+    series = series_uid(100, 10 * 1024 * 1024)
+    proxy = start_proxy("--read-ahead-mib", "64")
+    got = await frames(proxy.url, series, list(range(1, 101)))
+    assert_the_services_bytes(got, upstream, 100)
+    assert metric(proxy.url, "dicom_proxy_read_ahead_hits_total") > 0
+    print(f"peak RSS {proxy.peak_rss_mib():.0f} MiB")
+    assert proxy.peak_rss_mib() <= 64 + 100, f"peak RSS {proxy.peak_rss_mib():.0f} MiB with a 64 MiB cap"
+
+
+async def test_a_401_drops_what_was_read_ahead_with_the_refused_token(start_proxy, upstream, az):
+    series = series_uid(150, 16 * 1024)
+    proxy = start_proxy()
+    first = await frames(proxy.url, series, list(range(1, 11)), connections=1)
+    assert_the_services_bytes(first, upstream, 10)
+    wait_for(lambda: metric(proxy.url, "dicom_proxy_read_ahead_pending") == 0, what="read-ahead to settle")
+    assert metric(proxy.url, "dicom_proxy_read_ahead_buffered_bytes") > 0
+    refused = az.issued_tokens()[-1]
+    upstream.revoked.add(refused)
+    async with aiohttp.ClientSession() as client:  # any request now meets the 401, and the proxy takes a new token
+        async with client.get(f"{proxy.url}/v2/studies") as response:
+            assert response.status == 200
+    rest = await frames(proxy.url, series, list(range(11, 151)), connections=1, with_metadata=False)
+    assert_the_services_bytes(rest, upstream, 140)
+    for path in rest:  # every frame after the 401 came with the new token, none from the old buffer
+        fresh = [s for s in upstream.seen if s.raw_path == path and s.header("Authorization") != f"Bearer {refused}"]
+        assert fresh, f"{path} was served from what was read ahead with the refused token"
+    assert metric(proxy.url, "dicom_proxy_read_ahead_wasted_bytes_total") > 0
+
+
+async def test_nothing_read_ahead_for_one_identity_is_served_to_another(start_proxy, upstream, az):
+    az.configure(lifetime=305)  # refreshed 10 s after it is taken (the earliest the proxy refreshes)
+    series = series_uid(150, 16 * 1024)
+    proxy = start_proxy()
+    first = await frames(proxy.url, series, list(range(1, 11)), connections=1)
+    assert_the_services_bytes(first, upstream, 10)
+    assert metric(proxy.url, "dicom_proxy_read_ahead_buffered_bytes") > 0
+    az.configure(lifetime=3600, tenant="tenant-two")  # `az account set` to a subscription in another tenant
+    wait_for(lambda: "in tenant tenant-two" in proxy.output(), timeout=30, what="the scheduled refresh's new token")
+    rest = await frames(proxy.url, series, list(range(11, 151)), connections=1, with_metadata=False)
+    assert_the_services_bytes(rest, upstream, 140)
+    for path in rest:
+        tenants = {token_claims(s.header("Authorization")[7:])["tid"] for s in upstream.seen if s.raw_path == path}
+        assert "tenant-two" in tenants, f"{path} was served from what was read ahead for tenant-one"
+
+
+async def test_a_429_stops_read_ahead_and_the_client_sees_the_services_answer(start_proxy, upstream):
+    series = series_uid(100, 16 * 1024)
+    proxy = start_proxy()
+    upstream.throttle_frames = True
+    got = await frames(proxy.url, series, [1, 2], connections=1)
+    assert [status for status, _, _ in got.values()] == [429, 429]
+    wait_for(lambda: metric(proxy.url, "dicom_proxy_read_ahead_pending") == 0, what="read-ahead to settle")
+    sent = metric(proxy.url, "dicom_proxy_read_ahead_requests_total")
+    assert sent <= 16, "read-ahead kept asking after a 429"
+    upstream.throttle_frames = False
+    got = await frames(proxy.url, series, [3, 4, 5], connections=1, with_metadata=False)
+    assert_the_services_bytes(got, upstream, 3)
+    assert metric(proxy.url, "dicom_proxy_read_ahead_requests_total") == sent, "read-ahead did not rest"
