@@ -241,7 +241,7 @@ class ReadAhead:
     ) -> Buffered | None:
         """The buffered answer to this request, waiting for one on its way; None when the request must go to
         the service. Every request of a known series moves the read-ahead on."""
-        if method != "GET" or any(name in headers for name in _NOT_FROM_BUFFER):
+        if method != "GET" or any(name in headers for name in _NOT_FROM_BUFFER) or _wants_it_fresh(headers):
             return None
         found = _ITEM_PATH.fullmatch(raw_path)
         if found is None:
@@ -314,7 +314,9 @@ class ReadAhead:
             ]
         else:
             items = [f"{series}/instances/{instance.uid}" for instance in instances]
-        reading = Reading(series, items, {path: index for index, path in enumerate(items)}, headers.copy(), client)
+        sent = headers.copy()
+        sent.popall("X-Request-Id", None)  # the first request's own: the service would see it on every one
+        reading = Reading(series, items, {path: index for index, path in enumerate(items)}, sent, client)
         self._readings[key] = reading
         return reading
 
@@ -446,6 +448,12 @@ class ReadAhead:
     def _current_identity(self) -> tuple[str, str] | None:
         token = self._tokens.current
         return None if token is None else self._identity(token.value)
+
+
+def _wants_it_fresh(headers: Headers) -> bool:
+    """A client that asks past caches (a reload) gets the service's answer, not one fetched before."""
+    cache_control = headers.get("Cache-Control", "") + headers.get("Pragma", "")
+    return "no-cache" in cache_control.lower() or "no-store" in cache_control.lower()
 
 
 async def _discard(response: aiohttp.ClientResponse) -> None:
