@@ -196,3 +196,33 @@ async def test_a_429_stops_read_ahead_and_the_client_sees_the_services_answer(st
     got = await frames(proxy.url, series, [3, 4, 5], connections=1, with_metadata=False)
     assert_the_services_bytes(got, upstream, 3)
     assert metric(proxy.url, "dicom_proxy_read_ahead_requests_total") == sent, "read-ahead did not rest"
+
+
+async def test_a_reload_is_answered_by_the_service(start_proxy, upstream):
+    series = series_uid(30, 16 * 1024)
+    proxy = start_proxy()
+    await frames(proxy.url, series, [1], connections=1)
+    wait_for(lambda: metric(proxy.url, "dicom_proxy_read_ahead_pending") == 0, what="read-ahead to settle")
+    read_ahead = len(frame_requests(upstream, series))
+    assert read_ahead > 1
+    async with aiohttp.ClientSession() as client:
+        headers = {"Accept": FRAME_ACCEPT, "Cache-Control": "no-cache"}
+        async with client.get(proxy.url + frame_path(series, 2), headers=headers) as response:
+            assert response.status == 200
+            assert hashlib.sha256(await response.read()).hexdigest() == upstream.sent_digests[frame_path(series, 2)]
+    assert len(frame_requests(upstream, series)) == read_ahead + 1, "the reload was answered from read-ahead"
+
+
+async def test_the_status_page_shows_what_read_ahead_did(start_proxy, upstream):
+    series = series_uid(40, 16 * 1024)
+    proxy = start_proxy()
+    await frames(proxy.url, series, list(range(1, 41)))
+    async with aiohttp.ClientSession() as client:
+        async with client.get(f"{proxy.url}/-/status.json") as response:
+            counters = (await response.json())["counters"]["read_ahead"]
+        async with client.get(f"{proxy.url}/-/") as response:
+            page = await response.text()
+    assert counters["hits"] == metric(proxy.url, "dicom_proxy_read_ahead_hits_total") > 0
+    assert counters["misses"] + counters["hits"] == 40
+    assert f'data-f="read-ahead-hits">{counters["hits"]}<' in page
+    assert "frames served from read-ahead" in page and "read ahead, never asked for" in page
