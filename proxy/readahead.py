@@ -37,8 +37,9 @@ logger = logging.getLogger("proxy.readahead")
 
 # A buffered answer not asked for within this long is dropped (and counted as wasted).
 BUFFER_SECONDS = 30.0
-# How far ahead of the client's last request, in read-ahead requests: enough to keep every one of them
-# busy while the client catches up, little enough that a client that stops wastes little.
+# How far ahead of the client's last request, in read-ahead requests: a reading starts one request's worth
+# ahead, so a client that looks at one frame costs little, and doubles with every hit up to the most, enough
+# to keep every request busy while the client catches up.
 WINDOW_PER_REQUEST = 4
 # After a 429 without Retry-After, or a 403: how long read-ahead rests.
 REST_SECONDS = 30.0
@@ -162,8 +163,9 @@ class Reading:
     headers: Headers  # the first request's: what read-ahead sends, with another path
     client: tuple[str | None, str, str]  # its address, scheme and Host, for X-Forwarded-*
     last: int | None = None
-    taken: set[int] = field(default_factory=set)  # asked for by the client, or read ahead already
-    asked: set[int] = field(default_factory=set)  # asked for by the client
+    window: int = 1  # how many items after the client's last one are read ahead
+    asked: set[int] = field(default_factory=set)  # asked for by the client since the metadata went by
+    queued: set[int] = field(default_factory=set)
     largest: int = 0  # the largest answer read ahead so far: room is kept for one more like it
     stopped: bool = False  # an answer too large to buffer: this reading is left to the client
 
@@ -229,9 +231,15 @@ class ReadAhead:
         if found is None or not instances:
             return
         series = found["series"]
+        changed = [instance.uid for instance in self._series.get(series, ())] != [i.uid for i in instances]
         self._series[series] = instances
-        for key in [key for key in self._readings if key[0] == series]:
-            self._readings.pop(key, None)
+        for key, reading in list(self._readings.items()):
+            if key[0] == series:
+                if changed:
+                    self._readings.pop(key, None)
+                else:  # the viewer opens the series again: every item may be wanted again
+                    reading.asked.clear()
+                    reading.window = self._concurrency
         logger.debug("read-ahead knows %d instances of a series", len(instances))
 
     # ---- answering from the buffer
@@ -253,7 +261,6 @@ class ReadAhead:
         if position is None:
             return None
         key = self._key(raw_path, headers)
-        reading.taken.add(position)
         reading.asked.add(position)
         self._advance(reading, position)
         entry = self._buffer.pop(key, None)
@@ -271,6 +278,7 @@ class ReadAhead:
             self.counts.misses += 1
             return None
         self.counts.hits += 1
+        reading.window = min(self._window, 2 * reading.window)
         return entry
 
     def clear(self, why: str) -> None:
@@ -287,6 +295,8 @@ class ReadAhead:
         """Stop reading ahead for a while: the service asked for fewer requests (429) or refuses (403)."""
         self._resting_until = max(self._resting_until, self._clock() + seconds)
         self._queue.clear()
+        for reading in self._readings.values():
+            reading.queued.clear()
 
     async def close(self) -> None:
         for worker in list(self._workers):
@@ -316,7 +326,8 @@ class ReadAhead:
             items = [f"{series}/instances/{instance.uid}" for instance in instances]
         sent = headers.copy()
         sent.popall("X-Request-Id", None)  # the first request's own: the service would see it on every one
-        reading = Reading(series, items, {path: index for index, path in enumerate(items)}, sent, client)
+        positions = {path: index for index, path in enumerate(items)}
+        reading = Reading(series, items, positions, sent, client, window=self._concurrency)
         self._readings[key] = reading
         return reading
 
@@ -333,12 +344,15 @@ class ReadAhead:
         if reading.stopped or self._clock() < self._resting_until:
             return
         if backwards:
-            following = range(position - 1, max(-1, position - self._window - 1), -1)
+            following = range(position - 1, max(-1, position - reading.window - 1), -1)
         else:
-            following = range(position + 1, min(len(reading.items), position + self._window + 1))
+            following = range(position + 1, min(len(reading.items), position + reading.window + 1))
         for index in following:
-            if index not in reading.taken:
-                reading.taken.add(index)
+            if index in reading.asked or index in reading.queued:
+                continue
+            key = self._key(reading.items[index], reading.headers)
+            if key not in self._in_flight and key not in self._buffer:
+                reading.queued.add(index)
                 self._queue.append((reading, index))
         while self._queue and len(self._workers) < self._concurrency:
             worker = asyncio.get_running_loop().create_task(self._work())
@@ -348,11 +362,11 @@ class ReadAhead:
     async def _work(self) -> None:
         while self._queue:
             reading, index = self._queue.popleft()
+            reading.queued.discard(index)
             if index in reading.asked:  # the client asked first: its own request fetches it
                 continue
             if not self._has_room(reading) or self._clock() < self._resting_until or reading.stopped:
-                reading.taken.discard(index)  # not fetched: the client's next request may queue it again
-                continue
+                continue  # not fetched: the client's next request may queue it again
             try:
                 await self._fetch(reading, reading.items[index])
             except asyncio.CancelledError:
