@@ -101,6 +101,7 @@ class Proxy:
         self.tokens: TokenSource | None = None
         self._forwarder: Forwarder | None = None
         self.read_ahead: ReadAhead | None = None
+        self._read_ahead_session: aiohttp.ClientSession | None = None
         self._gateway: Gateway | None = None
         self._local: dict[str, Endpoint] = {}
         # The last requests, for the status page: one append per request, formatted only when shown.
@@ -120,7 +121,10 @@ class Proxy:
         self.metrics.watch(tokens)
         self._session = self._given_session or upstream_session(settings)
         if settings.read_ahead > 0:
-            self.read_ahead = ReadAhead(settings, session=self._session, tokens=tokens)
+            # A pool of its own: read-ahead's bursts lose packets on a congested link, and a connection that
+            # lost some grows its window slowly for a while; the viewer's own requests keep clean ones.
+            self._read_ahead_session = upstream_session(settings)
+            self.read_ahead = ReadAhead(settings, session=self._read_ahead_session, tokens=tokens)
             self.metrics.watch_read_ahead(self.read_ahead)
         self._forwarder = Forwarder(
             settings, session=self._session, tokens=tokens, decorate=self.decorate, read_ahead=self.read_ahead
@@ -154,6 +158,8 @@ class Proxy:
             await self._gateway.close()
         if self.read_ahead is not None:
             await self.read_ahead.close()
+        if self._read_ahead_session is not None:
+            await self._read_ahead_session.close()
         if self.tokens is not None:
             await self.tokens.close()
         if self._given_session is None and self._session is not None:
