@@ -146,6 +146,16 @@ class Traffic(Collector):
         yield errors
 
 
+# Read-ahead's counts: the Counts field (the metric is dicom_proxy_read_ahead_<field>_total) and its help.
+_READ_AHEAD_COUNTERS = (
+    ("hits", "Client requests answered from read-ahead"),
+    ("misses", "Client requests for a frame of a series being read ahead that went to the service"),
+    ("requests", "Requests read-ahead sent to the service"),
+    ("fetched_bytes", "Body bytes read ahead from the service"),
+    ("wasted_bytes", "Bytes read ahead and dropped unserved (expired, cleared, or cut off at the cap)"),
+)
+
+
 class ReadAheadCounts(Collector):
     """What read-ahead did: hits and misses of client requests, and the bytes it fetched and wasted."""
 
@@ -154,25 +164,8 @@ class ReadAheadCounts(Collector):
 
     def collect(self) -> Iterator[Metric]:
         counts = self._read_ahead.counts
-        yield CounterMetricFamily(
-            "dicom_proxy_read_ahead_hits", "Client requests answered from read-ahead", value=counts.hits
-        )
-        yield CounterMetricFamily(
-            "dicom_proxy_read_ahead_misses",
-            "Client requests for a frame of a series being read ahead that went to the service",
-            value=counts.misses,
-        )
-        yield CounterMetricFamily(
-            "dicom_proxy_read_ahead_requests", "Requests read-ahead sent to the service", value=counts.requests
-        )
-        yield CounterMetricFamily(
-            "dicom_proxy_read_ahead_fetched_bytes", "Body bytes read ahead from the service", value=counts.fetched_bytes
-        )
-        yield CounterMetricFamily(
-            "dicom_proxy_read_ahead_wasted_bytes",
-            "Bytes read ahead and dropped unserved (expired, cleared, or cut off at the cap)",
-            value=counts.wasted_bytes,
-        )
+        for field, help_text in _READ_AHEAD_COUNTERS:
+            yield CounterMetricFamily(f"dicom_proxy_read_ahead_{field}", help_text, value=getattr(counts, field))
         yield GaugeMetricFamily(
             "dicom_proxy_read_ahead_buffered_bytes", "Bytes held by read-ahead now", value=self._read_ahead.buffered
         )
