@@ -661,8 +661,12 @@ async def measure(args: argparse.Namespace, run: Path, token: str, sizes: dict[s
             rows["proxy_idle"].append({**result, "new_upstream_connections": upstream.new_connections()})
         peak = peak_rss_mib(proxy)
 
-        frame = f"/studies/{STUDY}/series/{SERIES}/instances/{SERIES}.1/frames/1"
-        single: dict[str, list[float]] = {"direct": [], "proxy": []}
+    # One connection each, as a person scrolling uses one: aiohttp's own pool hands out its idle connections
+    # first-in first-out, so through six of them every request would ride one gone cold.
+    frame = f"/studies/{STUDY}/series/{SERIES}/instances/{SERIES}.1/frames/1"
+    single: dict[str, list[float]] = {"direct": [], "proxy": []}
+    async with viewer_session(1, context) as to_cloud, viewer_session(1) as local:
+        await one_request_ms(to_cloud, f"{direct.base}/studies", {**direct.headers, "Accept": JSON_ACCEPT})
         for _ in range(10):
             for name, target, session in (("direct", direct, to_cloud), ("proxy", proxied, local)):
                 headers = {**target.headers, "Accept": FRAME_ACCEPT}
