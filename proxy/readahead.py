@@ -82,12 +82,14 @@ class InstanceScanner:
         end = len(data) if final else max(0, len(data) - _OVERLAP)
         found: list[tuple[int, str, bytes]] = []
         for tag, name in _ATTRIBUTES:
-            at = data.find(tag, 0, end)
+            # Every tag that starts before `end`, whole: one cut by `end` is read now, not lost to the rest.
+            bound = end + len(tag) - 1
+            at = data.find(tag, 0, bound)
             while at != -1:
                 match = _VALUE.match(data, at + len(tag))
                 if match is not None:
                     found.append((at, name, match.group(1)))
-                at = data.find(tag, at + len(tag), end)
+                at = data.find(tag, at + len(tag), bound)
         for _, name, value in sorted(found):
             self._note(name, value.decode("ascii"))
         self._rest = data[end:]

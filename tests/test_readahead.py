@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import json
 
 import aiohttp
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 from prometheus_client.parser import text_string_to_metric_families
 
 from .conftest import wait_for
@@ -226,3 +229,51 @@ async def test_the_status_page_shows_what_read_ahead_did(start_proxy, upstream):
     assert counters["misses"] + counters["hits"] == 40
     assert f'data-f="read-ahead-hits">{counters["hits"]}<' in page
     assert "frames served from read-ahead" in page and "read ahead, never asked for" in page
+
+
+_UIDS = st.from_regex(r"[1-9][0-9]{0,5}(\.[0-9]{1,8}){1,6}", fullmatch=True)
+
+
+@st.composite
+def series_metadata(draw: st.DrawFn) -> tuple[bytes, list[tuple[str, int | None, int]]]:
+    """DICOM JSON for some instances (uid, Instance Number or None, Number of Frames), as a service might
+    write it: keys in tag order, with or without spaces, "vr" before or after "Value", numbers or strings."""
+    uids = draw(st.lists(_UIDS, min_size=1, max_size=12, unique=True))
+    numbered = draw(st.booleans())
+    instances = [(uid, draw(st.integers(1, 5000)) if numbered else None, draw(st.integers(1, 40))) for uid in uids]
+    spaced, vr_last, quoted = draw(st.booleans()), draw(st.booleans()), draw(st.booleans())
+
+    def attribute(vr: str, value: object) -> dict[str, object]:
+        return {"Value": [value], "vr": vr} if vr_last else {"vr": vr, "Value": [value]}
+
+    documents = []
+    for uid, number, frames in instances:
+        document = {
+            "00080016": attribute("UI", "1.2.840.10008.5.1.4.1.1.2"),
+            "00080018": attribute("UI", uid),
+            "0020000E": attribute("UI", "1.2.3.4"),
+        }
+        if number is not None:
+            document["00200013"] = attribute("IS", str(number) if quoted else number)
+        if frames > 1:
+            document["00280008"] = attribute("IS", str(frames) if quoted else frames)
+        document["7FE00010"] = {"vr": "OB", "BulkDataURI": f"https://service.example/v2/instances/{uid}/frames/1"}
+        documents.append(document)
+    text = json.dumps(documents, indent=2 if spaced else None, separators=None if spaced else (",", ":"))
+    return text.encode(), instances
+
+
+@given(series_metadata(), st.lists(st.integers(1, 400), max_size=20))
+def test_the_scanner_finds_every_instance_wherever_the_chunks_break(metadata, cuts):
+    from proxy.readahead import InstanceScanner
+
+    body, instances = metadata
+    scanner = InstanceScanner()
+    start = 0
+    for cut in cuts:
+        scanner.feed(body[start : start + cut])
+        start += cut
+    scanner.feed(body[start:])
+    found = [(instance.uid, instance.number, instance.frames) for instance in scanner.finish()]
+    expected = sorted(instances, key=lambda item: item[1] or 0) if instances[0][1] is not None else instances
+    assert found == expected
