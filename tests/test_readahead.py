@@ -21,8 +21,8 @@ STUDY = "1.2.3"
 _PER_ANSWER = {"date", "x-request-id"}
 
 
-def frame_path(series: str, number: int) -> str:
-    return f"/v2/studies/{STUDY}/series/{series}/instances/{series}.{number}/frames/1"
+def frame_path(series: str, number: int, frame: int = 1) -> str:
+    return f"/v2/studies/{STUDY}/series/{series}/instances/{series}.{number}/frames/{frame}"
 
 
 async def metadata(client: aiohttp.ClientSession, base: str, series: str) -> list[dict]:
@@ -34,9 +34,15 @@ async def metadata(client: aiohttp.ClientSession, base: str, series: str) -> lis
 
 
 async def frames(
-    base: str, series: str, numbers: list[int], *, connections: int = 6, with_metadata: bool = True
+    base: str,
+    series: str,
+    numbers: list[int] | list[tuple[int, int]],
+    *,
+    connections: int = 6,
+    with_metadata: bool = True,
 ) -> dict[str, tuple[int, str, list[tuple[str, str]]]]:
-    """Fetch the frames `numbers` as a browser does (six connections); per path: status, sha256, headers."""
+    """Fetch the frames `numbers` (instance numbers for frame 1, or (instance, frame) pairs) as a browser does
+    (six connections); per path: status, sha256, headers."""
     got: dict[str, tuple[int, str, list[tuple[str, str]]]] = {}
     connector = aiohttp.TCPConnector(limit=connections)
     async with aiohttp.ClientSession(connector=connector, auto_decompress=False) as client:
@@ -44,8 +50,8 @@ async def frames(
             await metadata(client, base, series)
         gate = asyncio.Semaphore(connections)
 
-        async def one(number: int) -> None:
-            path = frame_path(series, number)
+        async def one(number: int | tuple[int, int]) -> None:
+            path = frame_path(series, *number) if isinstance(number, tuple) else frame_path(series, number)
             async with gate, client.get(base + path, headers={"Accept": FRAME_ACCEPT}) as response:
                 digest = hashlib.sha256()
                 async for chunk in response.content.iter_any():
@@ -101,6 +107,17 @@ async def test_frames_read_ahead_are_the_services_bytes_and_headers(start_proxy,
         assert direct[path][:2] == (status, digest)
         assert [(k, v.replace(plain.url, reading.url)) for k, v in direct[path][2]] == headers
     assert any(k == "Content-Location" and v.startswith(reading.url) for k, v in got[frame_path(series, 60)][2])
+
+
+async def test_the_frames_of_multi_frame_instances_are_read_ahead_in_order(start_proxy, upstream):
+    series = series_uid(3, 8 * 1024, frames=20)
+    proxy = start_proxy()
+    wanted = [(instance, frame) for instance in (1, 2, 3) for frame in range(1, 21)]
+    got = await frames(proxy.url, series, wanted)
+    assert_the_services_bytes(got, upstream, 60)
+    assert len(set(upstream.sent_digests[path] for path in got)) == 60, "the fake service repeats a frame"
+    assert sorted(seen.raw_path for seen in frame_requests(upstream, series)) == sorted(got)
+    assert metric(proxy.url, "dicom_proxy_read_ahead_hits_total") >= 30
 
 
 async def test_read_ahead_off_sends_the_service_exactly_what_the_client_asked(start_proxy, upstream):

@@ -64,14 +64,14 @@ def gzip_bomb(link: str, mib: int) -> bytes:
 FRAME_BOUNDARY = "frame-boundary-41"
 
 
-def series_uid(instances: int, frame_bytes: int) -> str:
-    """A series the fake service makes up on demand: `instances` single-frame instances of `frame_bytes` each."""
-    return f"9.{instances}.{frame_bytes}"
+def series_uid(instances: int, frame_bytes: int, frames: int = 1) -> str:
+    """A series the fake service makes up on demand: `instances` instances of `frames` frames of `frame_bytes`."""
+    return f"9.{instances}.{frame_bytes}" + (f".{frames}" if frames > 1 else "")
 
 
-def frame_payload(instance: int, size: int) -> Iterator[bytes]:
-    """The pixel data of one instance's frame, different for every instance, in pieces of at most 1 MiB."""
-    offset = (instance * 7919) % len(BLOCK)
+def frame_payload(instance: int, frame: int, size: int) -> Iterator[bytes]:
+    """The pixel data of one frame, different for every frame, in pieces of at most 1 MiB."""
+    offset = (instance * 7919 + frame * 104729) % len(BLOCK)
     rotated = BLOCK[offset:] + BLOCK[:offset]
     sent = 0
     while sent < size:
@@ -321,6 +321,7 @@ class Upstream:
         """DICOM JSON for a made-up series (see series_uid), its links pointing at the service."""
         study, series = request.match_info["study"], request.match_info["series"]
         count = int(series.split(".")[1])
+        frames = int(series.split(".")[3]) if series.count(".") == 3 else 1
         instances = []
         for number in range(1, count + 1):
             uid = f"{series}.{number}"
@@ -334,13 +335,16 @@ class Upstream:
                     "00081190": {"vr": "UR", "Value": [link]},
                     "7FE00010": {"vr": "OW", "BulkDataURI": f"{link}/frames/1"},
                 }
+                | ({"00280008": {"vr": "IS", "Value": [frames]}} if frames > 1 else {})
             )
         return web.json_response(instances, content_type="application/dicom+json")
 
     async def _frame(self, request: web.Request) -> web.StreamResponse:
         """One frame as multipart/related, its bytes' digest kept in sent_digests."""
         series, instance = request.match_info["series"], request.match_info["instance"]
-        if request.match_info["frame"] != "1" or not instance.startswith(series + "."):
+        frames = int(series.split(".")[3]) if series.count(".") == 3 else 1
+        frame = int(request.match_info["frame"]) if request.match_info["frame"].isdigit() else 0
+        if not 1 <= frame <= frames or not instance.startswith(series + "."):
             return web.json_response({"error": "no such frame"}, status=404)
         if self.throttle_frames:
             return web.json_response({"error": "too many requests"}, status=429, headers={"Retry-After": "60"})
@@ -358,7 +362,7 @@ class Upstream:
         await response.prepare(request)
         digest = hashlib.sha256(head)
         await response.write(head)
-        for piece in frame_payload(int(instance.rsplit(".", 1)[1]), size):
+        for piece in frame_payload(int(instance.rsplit(".", 1)[1]), frame, size):
             digest.update(piece)
             await response.write(piece)
         digest.update(tail)
