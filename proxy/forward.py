@@ -1,9 +1,8 @@
 """The streaming forwarder: one client request becomes one upstream request with the token added.
 
-Bodies flow through in bounded pieces in both directions, with backpressure from whichever side is
-slower. A 401 from the upstream is reported to the TokenSource and, when it says a fresh token is worth
-a try and the request body can be sent again, the request is retried once with a fresh token. A client
-that goes silent while sending its body for longer than the read timeout is cut off.
+Bodies flow through in bounded pieces in both directions (the request's: upload.py), with backpressure from
+whichever side is slower. A 401 is retried once with a fresh token when the body can be sent again (auth.py).
+A frame read ahead (readahead.py) is answered from memory, written like any other answer.
 """
 
 from __future__ import annotations
@@ -22,17 +21,13 @@ from multidict import CIMultiDict
 from yarl import URL
 
 from .auth import send_with_token
-from .errors import (
-    ClientTimeout,
-    RequestRefused,
-    UpstreamUnreachable,
-    loggable,
-)
+from .buffer import Buffered
+from .errors import ClientTimeout, RequestRefused, UpstreamUnreachable, loggable
 from .headers import Headers, client_response_headers, split_host, upstream_request_headers
 from .internals import AsSentResponse, AsSentStreamResponse
 from .logs import SENT_BEFORE_CUT
 from .plan import WHOLE_ANSWER_LIMIT, AnswerPlan, plan_answer
-from .readahead import Buffered, InstanceScanner, ReadAhead
+from .readahead import MetadataWatch, ReadAhead
 from .rewrite import (
     BaseMapping,
     BodyTransform,
@@ -46,18 +41,16 @@ from .session import upstream_failure
 from .settings import Settings
 from .silence import Silence
 from .tokens import TokenSource
+from .upload import Body, request_body, stalled
 
 logger = logging.getLogger("proxy.forward")
 
-Body = bytes | AsyncIterator[bytes] | None
 # Adds the proxy's own response headers (request id, CORS) to an answer before it leaves.
 Decorate = Callable[[web.BaseRequest, CIMultiDict[str]], None]
 
 # Where the forwarder notes how the upstream failed (connect, tls, timeout, reset) for the metrics, which
 # see only the response the client got.
 UPSTREAM_FAILURE = web.RequestKey("upstream_failure", str)
-# Set when the client stopped sending its body: the upstream request failed because of the client.
-_CLIENT_STALLED = web.RequestKey("client_stalled", bool)
 
 WRITE_BUFFER_HIGH = 1024 * 1024
 # Read size for answers the client asked for as JSON or XML (metadata, QIDO), which may be rewritten: the
@@ -146,7 +139,7 @@ class Forwarder:
             buffered = await self._read_ahead.take(request.method, request.raw_path, request.headers, client)
             if buffered is not None:
                 return await self._from_buffer(request, buffered)
-        body = await self._request_body(request)
+        body = await request_body(request, replay_limit=self._settings.replay_limit, silence=self._silence)
         upstream = await send_with_token(
             self._tokens,
             lambda token: self._send(request, url, token, body),
@@ -159,38 +152,6 @@ class Forwarder:
             return await self._relay(request, upstream)
         finally:
             upstream.close()
-
-    async def _request_body(self, request: web.BaseRequest) -> Body:
-        """Small bodies are buffered so a 401 can be retried; anything larger or unsized streams."""
-        if not request.body_exists:
-            return None
-        length = request.content_length
-        if length is not None and length <= self._settings.replay_limit:
-            return b"".join([chunk async for chunk in self._client_body(request)])
-        return self._client_body(request)
-
-    async def _client_body(self, request: web.BaseRequest) -> AsyncIterator[bytes]:
-        """The client's body as it arrives; a pause longer than the read timeout ends the request."""
-        content = request.content
-
-        def stalled() -> None:
-            request[_CLIENT_STALLED] = True
-            content.set_exception(self._body_stalled())
-
-        silence = Silence(self._silence, stalled)
-        try:
-            while True:
-                silence.waiting()
-                chunk = await content.readany()
-                silence.heard()
-                if not chunk:
-                    return
-                yield chunk
-        finally:
-            silence.close()
-
-    def _body_stalled(self) -> ClientTimeout:
-        return ClientTimeout(f"the client sent no body bytes for {self._silence:g}s")
 
     async def _send(self, request: web.BaseRequest, url: URL, token: str, body: Body) -> aiohttp.ClientResponse:
         headers = upstream_request_headers(
@@ -213,37 +174,27 @@ class Forwarder:
         except ClientTimeout:
             raise
         except Exception as exc:
-            if request.get(_CLIENT_STALLED):
-                raise self._body_stalled() from exc
+            stall = stalled(request, self._silence)
+            if stall is not None:
+                raise stall from exc
             failure = upstream_failure(exc, url.host)
             if failure is None:
                 raise
             request[UPSTREAM_FAILURE], error = failure
             raise error from exc
-        if response.status in (401, 403) and self._read_ahead is not None:
-            self._read_ahead.clear(f"the service refused a request ({response.status})")
+        if self._read_ahead is not None:
+            self._read_ahead.answered(request.method, response.status, response.headers.get("Retry-After"))
         return response
 
     async def _from_buffer(self, request: web.BaseRequest, buffered: Buffered) -> web.StreamResponse:
-        """An answer read ahead, with the headers every answer gets (it holds no link: only such are kept).
-        A large one goes out a piece at a time, each let go once written, so memory is not held twice."""
-        headers = self._response_headers(request, buffered.headers, self._mapping(request))
-        pieces = buffered.pieces
-        if buffered.size <= WHOLE_ANSWER_LIMIT:
-            body = b"".join(pieces)
-            return AsSentResponse(status=buffered.status, reason=buffered.reason, headers=headers, body=body)
-        response = AsSentStreamResponse(status=buffered.status, reason=buffered.reason, headers=headers)
-        await response.prepare(request)
-        silence = Silence(self._silence, partial(self._stopped_reading, request))
+        """An answer read ahead, with the headers every answer gets (it holds no link: only such are kept);
+        each piece is let go once written, and read-ahead counts what is left until the end."""
+        assert self._read_ahead is not None
         try:
-            pieces.reverse()
-            while pieces:
-                if not await self._write(request, response, silence, pieces.pop()):
-                    return response
-            await self._write(request, response, silence, None)
+            headers = self._response_headers(request, buffered.headers, self._mapping(request))
+            return await self._stream(request, buffered.status, buffered.reason, headers, _drain(buffered.pieces))
         finally:
-            silence.close()
-        return response
+            self._read_ahead.served(buffered)
 
     def _mapping(self, request: web.BaseRequest) -> BaseMapping | None:
         """The rewrite for this request's answer: worked out once per request, used for headers and body."""
@@ -269,30 +220,28 @@ class Forwarder:
         headers = self._response_headers(request, upstream.headers, mapping)
         plan = plan_answer(request.method, upstream.status, upstream.content_length, headers, mapping)
         transform = plan.transform()
-        scanner = self._scanner(request, upstream.status)
         ready: Iterable[bytes] = ()
         if plan.whole:
             small = await self._small(request, upstream, plan, headers, transform)
             if isinstance(small, web.Response):
-                if scanner is not None and isinstance(small.body, bytes) and "Content-Encoding" not in small.headers:
-                    scanner.feed(small.body)
-                    self._learned(request, scanner)
+                watch = self._watch(request, upstream.status, small.headers)
+                if watch is not None and isinstance(small.body, bytes):
+                    watch.feed(small.body)
+                    watch.done()
                 return small
             ready = small  # inflates past the limit: the rest streams as it inflates
         headers = plan.headers(headers, transformed=transform is not None)
-        if "Content-Encoding" in headers:
-            scanner = None  # compressed as it goes out: nothing to read in it
-        return await self._stream(request, upstream, headers, transform, ready, scanner)
+        watch = self._watch(request, upstream.status, headers)
+        return await self._stream(
+            request, upstream.status, upstream.reason, headers, ready, upstream.content, transform, watch
+        )
 
-    def _scanner(self, request: web.BaseRequest, status: int) -> InstanceScanner | None:
-        """Read-ahead's look at a series' metadata on its way to the client, to learn the series' instances."""
+    def _watch(self, request: web.BaseRequest, status: int, headers: Headers) -> MetadataWatch | None:
+        """Read-ahead's look at an answer as it goes out with `headers`: a series' metadata teaches it the
+        series' instances."""
         if self._read_ahead is None or status != 200:
             return None
-        return self._read_ahead.scanner_for(request.method, request.raw_path)
-
-    def _learned(self, request: web.BaseRequest, scanner: InstanceScanner) -> None:
-        if self._read_ahead is not None:
-            self._read_ahead.learned(request.raw_path, scanner)
+        return self._read_ahead.watch(request.method, request.raw_path, headers.get("Content-Encoding"))
 
     async def _small(
         self,
@@ -328,15 +277,17 @@ class Forwarder:
     async def _stream(
         self,
         request: web.BaseRequest,
-        upstream: aiohttp.ClientResponse,
+        status: int,
+        reason: str | None,
         headers: CIMultiDict[str],
-        transform: BodyTransform | None,
-        ready: Iterable[bytes] = (),
-        scanner: InstanceScanner | None = None,
+        ready: Iterable[bytes],
+        content: aiohttp.StreamReader | None = None,
+        transform: BodyTransform | None = None,
+        watch: MetadataWatch | None = None,
     ) -> web.StreamResponse:
-        """Stream the answer out: `ready` (output of a body read whole) first, then the rest from the upstream;
-        `scanner` sees what goes out."""
-        response = AsSentStreamResponse(status=upstream.status, reason=upstream.reason, headers=headers)
+        """Stream the answer out: `ready` (output of a body read whole, or an answer read ahead) first, then
+        the rest from the upstream's `content`; `watch` sees what goes out."""
+        response = AsSentStreamResponse(status=status, reason=reason, headers=headers)
         await response.prepare(request)
         if request.transport is not None and transform is None:
             # The default 64 KiB high-water mark makes every 1 MiB chunk wait for the client before the next
@@ -351,24 +302,26 @@ class Forwarder:
             pieces: Iterable[bytes] = ready
             while True:
                 for piece in pieces:
-                    if scanner is not None:
-                        scanner.feed(piece)
+                    if watch is not None:
+                        watch.feed(piece)
                     if piece and not await self._write(request, response, silence, piece):
                         return response
                     if inflating:
                         await asyncio.sleep(0)
-                chunk = await upstream.content.readany()
+                if content is None:
+                    break
+                chunk = await content.readany()
                 if not chunk:
                     break
                 pieces = (chunk,) if transform is None else transform.feed(chunk)
             if transform is not None:
                 last = transform.finish()
-                if scanner is not None:
-                    scanner.feed(last)
+                if watch is not None:
+                    watch.feed(last)
                 if not await self._write(request, response, silence, last):
                     return response
-            if await self._write(request, response, silence, None) and scanner is not None:
-                self._learned(request, scanner)
+            if await self._write(request, response, silence, None) and watch is not None:
+                watch.done()
         except (TimeoutError, aiohttp.ClientError, DecodeError) as exc:
             _broke_off(request, exc)
         finally:
@@ -426,6 +379,13 @@ async def _inflate_some(transform: BodyTransform, body: bytes) -> tuple[list[byt
         await asyncio.sleep(0)
     ready.append(transform.finish())
     return ready, None
+
+
+def _drain(pieces: list[bytes]) -> Iterator[bytes]:
+    """The pieces in order, each let go of as it is handed out."""
+    pieces.reverse()
+    while pieces:
+        yield pieces.pop()
 
 
 def _wants_a_document(accept: str | None) -> bool:

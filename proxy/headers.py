@@ -5,6 +5,9 @@ Kept free of I/O so that every rule can be tested with plain dictionaries.
 
 from __future__ import annotations
 
+import email.utils
+import time
+
 from multidict import CIMultiDict, CIMultiDictProxy
 
 # RFC 9110 section 7.6.1, plus the de-facto members that proxies drop as well.
@@ -113,3 +116,18 @@ def client_response_headers(upstream: Headers) -> CIMultiDict[str]:
     proxy keeps no cookie jar, so a service cookie belongs to the client.
     """
     return _copy_except(upstream, _NOT_DOWN, dropped_prefix="access-control-")
+
+
+def retry_after_seconds(value: str | None, default: float, *, now: float | None = None) -> float:
+    """Seconds to wait from a Retry-After in seconds or as an HTTP date, at most 10 minutes; `default` when
+    there is none or it cannot be read."""
+    if value is None:
+        return default
+    text = value.strip()
+    if text.isdigit():
+        return min(float(text), 600.0)
+    try:
+        when = email.utils.parsedate_to_datetime(text).timestamp()
+    except (TypeError, ValueError):
+        return default
+    return max(0.0, min(when - (time.time() if now is None else now), 600.0))

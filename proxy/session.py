@@ -54,3 +54,11 @@ def upstream_failure(exc: Exception, host: str | None) -> tuple[str, UpstreamUnr
     if isinstance(exc, aiohttp.ClientError):
         return "connect", UpstreamUnreachable(f"the answer from {host} could not be read ({type(exc).__name__})")
     return None
+
+
+async def discard(response: aiohttp.ClientResponse) -> None:
+    """Read a short answer that is not kept, so that its connection goes back to the pool; close a long one."""
+    if response.content_length is not None and response.content_length <= 64 * 1024:
+        await response.read()
+    else:
+        response.close()

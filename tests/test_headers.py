@@ -124,3 +124,15 @@ def test_a_request_with_no_http_client_behind_it_carries_no_forwarded_headers():
     incoming = CIMultiDict({"Accept": "application/dicom+json", "Authorization": "Basic x", "Connection": "close"})
     outgoing = upstream_request_headers(incoming, token="TOKEN")
     assert list(outgoing.items()) == [("Accept", "application/dicom+json"), ("Authorization", "Bearer TOKEN")]
+
+
+def test_retry_after_is_read_in_seconds_or_as_a_date_and_bounded():
+    from proxy.headers import retry_after_seconds
+
+    now = 1_800_000_000.0  # 2027-01-15 08:00:00 UTC
+    assert retry_after_seconds("120", 30.0, now=now) == 120.0
+    assert retry_after_seconds("86400", 30.0, now=now) == 600.0
+    assert retry_after_seconds("Fri, 15 Jan 2027 08:01:30 GMT", 30.0, now=now) == 90.0
+    assert retry_after_seconds("Fri, 15 Jan 2027 07:00:00 GMT", 30.0, now=now) == 0.0
+    assert retry_after_seconds("soon", 30.0, now=now) == 30.0
+    assert retry_after_seconds(None, 30.0, now=now) == 30.0

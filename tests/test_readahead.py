@@ -10,6 +10,7 @@ import aiohttp
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
+from multidict import CIMultiDict
 from prometheus_client.parser import text_string_to_metric_families
 
 from .conftest import wait_for
@@ -25,12 +26,13 @@ def frame_path(series: str, number: int, frame: int = 1) -> str:
     return f"/v2/studies/{STUDY}/series/{series}/instances/{series}.{number}/frames/{frame}"
 
 
-async def metadata(client: aiohttp.ClientSession, base: str, series: str) -> list[dict]:
+async def metadata(client: aiohttp.ClientSession, base: str, series: str, **headers: str) -> bytes:
+    """The series' metadata as it came (gzip, when the client accepts it and the proxy leaves it so)."""
     async with client.get(
-        f"{base}/v2/studies/{STUDY}/series/{series}/metadata", headers={"Accept": "application/dicom+json"}
+        f"{base}/v2/studies/{STUDY}/series/{series}/metadata", headers={"Accept": "application/dicom+json", **headers}
     ) as response:
         assert response.status == 200
-        return await response.json(content_type=None)
+        return await response.read()
 
 
 async def frames(
@@ -206,13 +208,13 @@ async def test_nothing_read_ahead_for_one_identity_is_served_to_another(start_pr
 async def test_a_429_stops_read_ahead_and_the_client_sees_the_services_answer(start_proxy, upstream):
     series = series_uid(100, 16 * 1024)
     proxy = start_proxy()
-    upstream.throttle_frames = True
+    upstream.frame_status = 429
     got = await frames(proxy.url, series, [1, 2], connections=1)
     assert [status for status, _, _ in got.values()] == [429, 429]
     wait_for(lambda: metric(proxy.url, "dicom_proxy_read_ahead_pending") == 0, what="read-ahead to settle")
     sent = metric(proxy.url, "dicom_proxy_read_ahead_requests_total")
     assert sent <= 16, "read-ahead kept asking after a 429"
-    upstream.throttle_frames = False
+    upstream.frame_status = None
     got = await frames(proxy.url, series, [3, 4, 5], connections=1, with_metadata=False)
     assert_the_services_bytes(got, upstream, 3)
     assert metric(proxy.url, "dicom_proxy_read_ahead_requests_total") == sent, "read-ahead did not rest"
@@ -294,3 +296,95 @@ def test_the_scanner_finds_every_instance_wherever_the_chunks_break(metadata, cu
     found = [(instance.uid, instance.number, instance.frames) for instance in scanner.finish()]
     expected = sorted(instances, key=lambda item: item[1] or 0) if instances[0][1] is not None else instances
     assert found == expected
+
+
+async def test_clients_asking_at_once_for_a_frame_on_its_way_each_get_it_whole(start_proxy, upstream):
+    series = series_uid(10, 3 * 1024 * 1024)  # larger than one write: the answer goes out piece by piece
+    proxy = start_proxy()
+    await frames(proxy.url, series, [1], connections=1)
+
+    async def fetch(client: aiohttp.ClientSession) -> tuple[int, str]:
+        async with client.get(proxy.url + frame_path(series, 2), headers={"Accept": FRAME_ACCEPT}) as response:
+            return response.status, hashlib.sha256(await response.read()).hexdigest()
+
+    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=30)) as client:
+        answers = await asyncio.gather(*(fetch(client) for _ in range(3)))
+    assert answers == [(200, upstream.sent_digests[frame_path(series, 2)])] * 3
+    assert metric(proxy.url, "dicom_proxy_read_ahead_hits_total") <= 1, "one answer read ahead, served twice"
+
+
+async def test_a_series_of_many_multi_frame_instances_costs_little_memory(start_proxy, upstream):
+    series = series_uid(3, 1024, frames=100_000)  # whole-slide images: 300,000 frames in a few lines of metadata
+    proxy = start_proxy()
+    accepts = [FRAME_ACCEPT, f"{FRAME_ACCEPT}, */*", "multipart/related; type=application/octet-stream"]
+    async with aiohttp.ClientSession() as client:
+        await metadata(client, proxy.url, series)
+        for accept in accepts:  # each Accept is a reading of its own
+            async with client.get(proxy.url + frame_path(series, 2, 5000), headers={"Accept": accept}) as response:
+                assert response.status == 200
+    wait_for(lambda: metric(proxy.url, "dicom_proxy_read_ahead_pending") == 0, what="read-ahead to settle")
+    read_ahead = [seen.raw_path for seen in frame_requests(upstream, series)]
+    assert f"/v2/studies/{STUDY}/series/{series}/instances/{series}.2/frames/5001" in read_ahead
+    assert proxy.peak_rss_mib() < 150, f"peak RSS {proxy.peak_rss_mib():.0f} MiB for a series of 300,000 frames"
+
+
+async def test_a_viewer_that_moves_to_another_series_gets_read_ahead_there(start_proxy, upstream):
+    first, second = series_uid(40, 250 * 1024), series_uid(41, 250 * 1024)
+    proxy = start_proxy("--read-ahead-mib", "1", "--read-ahead-requests", "4")
+    await frames(proxy.url, first, [1], connections=1)  # read-ahead fills the buffer with the first series
+    wait_for(lambda: metric(proxy.url, "dicom_proxy_read_ahead_pending") == 0, what="read-ahead to settle")
+    assert metric(proxy.url, "dicom_proxy_read_ahead_buffered_bytes") > 4 * 250 * 1024
+    got = await frames(proxy.url, second, list(range(1, 21)), connections=1)
+    assert_the_services_bytes(got, upstream, 20)
+    assert metric(proxy.url, "dicom_proxy_read_ahead_hits_total") >= 10, "the first series' frames kept the room"
+
+
+async def test_frames_the_service_refuses_are_not_asked_for_again_and_again(start_proxy, upstream):
+    series = series_uid(100, 16 * 1024)
+    proxy = start_proxy()
+    upstream.frame_status = 500
+    got = await frames(proxy.url, series, [1, 2, 3, 4], connections=1)
+    assert [status for status, _, _ in got.values()] == [500] * 4
+    wait_for(lambda: metric(proxy.url, "dicom_proxy_read_ahead_pending") == 0, what="read-ahead to settle")
+    # 16 ahead of the first frame, then one more per frame asked: each refused item is left alone for 30 s.
+    assert metric(proxy.url, "dicom_proxy_read_ahead_requests_total") <= 16 + 3
+
+
+async def test_compressed_metadata_passed_through_still_teaches_read_ahead(start_proxy, upstream):
+    series = series_uid(30, 16 * 1024)
+    proxy = start_proxy("--no-rewrite")
+    async with aiohttp.ClientSession(auto_decompress=False) as client:
+        body = await metadata(client, proxy.url, series, **{"Accept-Encoding": "gzip"})
+    assert body[:2] == b"\x1f\x8b", "the metadata did not go out gzip-compressed"
+    got = await frames(proxy.url, series, list(range(1, 31)), with_metadata=False)
+    assert_the_services_bytes(got, upstream, 30)
+    assert metric(proxy.url, "dicom_proxy_read_ahead_hits_total") >= 10
+
+
+async def test_a_request_with_other_accept_values_is_not_answered_from_the_buffer(start_proxy, upstream):
+    series = series_uid(30, 16 * 1024)
+    proxy = start_proxy()
+    await frames(proxy.url, series, [1], connections=1)
+    wait_for(lambda: metric(proxy.url, "dicom_proxy_read_ahead_pending") == 0, what="read-ahead to settle")
+    before = len(frame_requests(upstream, series))
+    headers = CIMultiDict([("Accept", FRAME_ACCEPT), ("Accept", "application/octet-stream")])
+    async with aiohttp.ClientSession() as client:
+        async with client.get(proxy.url + frame_path(series, 2), headers=headers) as response:
+            assert response.status == 200
+    asked = [seen for seen in frame_requests(upstream, series)[before:] if seen.raw_path == frame_path(series, 2)]
+    assert asked and len([v for k, v in asked[0].headers if k.lower() == "accept"]) == 2
+
+
+async def test_a_delete_through_the_proxy_drops_what_was_read_ahead(start_proxy, upstream):
+    series = series_uid(30, 16 * 1024)
+    proxy = start_proxy()
+    await frames(proxy.url, series, [1], connections=1)
+    wait_for(lambda: metric(proxy.url, "dicom_proxy_read_ahead_pending") == 0, what="read-ahead to settle")
+    assert metric(proxy.url, "dicom_proxy_read_ahead_buffered_bytes") > 0
+    async with aiohttp.ClientSession() as client:
+        async with client.delete(f"{proxy.url}/v2/studies/{STUDY}/series/{series}") as response:
+            assert response.status == 202
+    assert metric(proxy.url, "dicom_proxy_read_ahead_buffered_bytes") == 0
+    before = len(frame_requests(upstream, series))
+    await frames(proxy.url, series, [2], connections=1, with_metadata=False)
+    assert frame_path(series, 2) in [seen.raw_path for seen in frame_requests(upstream, series)[before:]]

@@ -113,8 +113,8 @@ class Upstream:
     sent_digests: dict[str, str] = field(default_factory=dict)
     # When set, every request with a valid token gets this status (403: the identity has no DICOM role).
     refuse_with: int | None = None
-    # When set, frames are answered 429 Too Many Requests.
-    throttle_frames: bool = False
+    # When set, frames are answered with this status (429 with a Retry-After).
+    frame_status: int | None = None
     _loop: asyncio.AbstractEventLoop | None = None
     _runner: web.AppRunner | None = None
     _thread: threading.Thread | None = None
@@ -164,6 +164,7 @@ class Upstream:
         app.router.add_get("/v2/gzip-bomb/{mib}", self._gzip_bomb)
         app.router.add_get("/v2/studies/{study}/series", self._multipart)
         app.router.add_get("/v2/studies/{study}/series/{series}/metadata", self._series_metadata)
+        app.router.add_delete("/v2/studies/{study}/series/{series}", self._delete_series)
         app.router.add_get("/v2/studies/{study}/series/{series}/instances/{instance}/frames/{frame}", self._frame)
         app.router.add_get("/bytes/{size}", self._bytes)
         app.router.add_get("/reset/{size}", self._reset)
@@ -337,7 +338,14 @@ class Upstream:
                 }
                 | ({"00280008": {"vr": "IS", "Value": [frames]}} if frames > 1 else {})
             )
+        if "gzip" in request.headers.get("Accept-Encoding", ""):
+            body = gzip.compress(json.dumps(instances).encode())
+            headers = {"Content-Encoding": "gzip", "Content-Type": "application/dicom+json"}
+            return web.Response(body=body, headers=headers)
         return web.json_response(instances, content_type="application/dicom+json")
+
+    async def _delete_series(self, request: web.Request) -> web.Response:
+        return web.Response(status=202)
 
     async def _frame(self, request: web.Request) -> web.StreamResponse:
         """One frame as multipart/related, its bytes' digest kept in sent_digests."""
@@ -346,8 +354,9 @@ class Upstream:
         frame = int(request.match_info["frame"]) if request.match_info["frame"].isdigit() else 0
         if not 1 <= frame <= frames or not instance.startswith(series + "."):
             return web.json_response({"error": "no such frame"}, status=404)
-        if self.throttle_frames:
-            return web.json_response({"error": "too many requests"}, status=429, headers={"Retry-After": "60"})
+        if self.frame_status is not None:
+            retry = {"Retry-After": "60"} if self.frame_status == 429 else {}
+            return web.json_response({"error": "refused"}, status=self.frame_status, headers=retry)
         size = int(series.split(".")[2])
         head = f"--{FRAME_BOUNDARY}\r\nContent-Type: application/octet-stream\r\n\r\n".encode()
         tail = f"\r\n--{FRAME_BOUNDARY}--\r\n".encode()
