@@ -31,7 +31,7 @@ from .rewrite import body_kind, upstream_path
 from .series import InstanceScanner, Series
 from .session import discard
 from .settings import Settings
-from .tokens import TokenSource, token_claims, who
+from .tokens import TokenSource, identity_of
 
 logger = logging.getLogger("proxy.readahead")
 
@@ -60,6 +60,7 @@ class Reading:
     client: tuple[str | None, str, str]  # its address, scheme and Host, for X-Forwarded-*
     window: int  # how many items after the client's last one are read ahead
     last: int | None = None
+    ahead: int = -1  # the furthest item already considered going forwards
     asked: set[int] = field(default_factory=set)  # asked for by the client since the metadata went by
     queued: set[int] = field(default_factory=set)
     largest: int = 0  # the largest answer read ahead so far: room is kept for one more like it
@@ -117,7 +118,6 @@ class ReadAhead:
         self._workers: set[asyncio.Task[None]] = set()
         self._generation = 0  # bumped by clear(): fetches begun before it keep nothing
         self._resting_until = 0.0
-        self._identities: dict[str, tuple[str, str]] = {}
         self._last_size = 0
 
     @property
@@ -156,7 +156,7 @@ class ReadAhead:
                     self._readings.pop(key, None)
                 else:  # the viewer opens the series again: every item may be wanted again
                     reading.asked.clear()
-                    reading.window = self._concurrency
+                    reading.window, reading.ahead = self._concurrency, -1
         logger.debug("read-ahead knows %d instances of a series", len(instances))
 
     # ---- answering from the buffer
@@ -186,7 +186,8 @@ class ReadAhead:
             await asyncio.shield(self._in_flight[key])
         entry = self._buffer.pop(key, None)  # only the request that pops it gets it: each answer is served once
         if entry is not None:
-            identity = self._current_identity()
+            held = self._tokens.current
+            identity = None if held is None else identity_of(held.value)
             if identity is None:  # no token held now: the client's request gets one, and the answer with it
                 self.counts.wasted_bytes += entry.size
                 entry = None
@@ -234,6 +235,7 @@ class ReadAhead:
         self._queue.clear()
         for reading in self._readings.values():
             reading.queued.clear()
+            reading.ahead = -1
 
     async def close(self) -> None:
         for worker in list(self._workers):
@@ -270,8 +272,10 @@ class ReadAhead:
             return
         if backwards:
             following = range(position - 1, max(-1, position - reading.window - 1), -1)
-        else:
-            following = range(position + 1, min(reading.series.count(reading.frames), position + reading.window + 1))
+        else:  # only what the window newly covers: a request costs no more than the items it adds
+            end = min(reading.series.count(reading.frames), position + reading.window + 1)
+            following = range(max(position, reading.ahead) + 1, end)
+            reading.ahead = max(reading.ahead, end - 1)
         for index in following:
             if index not in reading.asked and index not in reading.queued and self._wanted(reading, index):
                 reading.queued.add(index)
@@ -293,7 +297,8 @@ class ReadAhead:
             if reading.stopped or index in reading.asked or not self._wanted(reading, index):
                 continue  # the client asked first, or another reading has it
             if self._clock() < self._resting_until or not self._has_room(reading):
-                continue  # not fetched: the client's next request may queue it again
+                reading.ahead = min(reading.ahead, index - 1)  # not fetched: the client's next request may queue it
+                continue
             try:
                 await self._fetch(reading, reading.series.path(index, reading.frames))
             except asyncio.CancelledError:
@@ -367,7 +372,7 @@ class ReadAhead:
                 self._reading_bytes -= size
             reading.largest = max(reading.largest, size)
             self._last_size = size
-            return Buffered(response.status, response.reason, response.headers, pieces, size, self._identity(token))
+            return Buffered(response.status, response.reason, response.headers, pieces, size, identity_of(token))
 
     def _bufferable(self, response: aiohttp.ClientResponse, reading: Reading, key: Key) -> bool:
         """Only a whole 200 of a kind that goes out as it came is buffered; a refusal stops read-ahead."""
@@ -383,18 +388,3 @@ class ReadAhead:
             reading.stopped = True
             return False
         return True
-
-    # ---- identities
-
-    def _identity(self, token: str) -> tuple[str, str]:
-        """Who a token speaks for (tenant, user or app): answers kept for one identity are never given to another."""
-        identity = self._identities.get(token)
-        if identity is None:
-            claims = token_claims(token)
-            identity = (str(claims.get("tid", "")), who(claims))
-            self._identities = {token: identity}  # the token in use now is the only one worth remembering
-        return identity
-
-    def _current_identity(self) -> tuple[str, str] | None:
-        token = self._tokens.current
-        return None if token is None else self._identity(token.value)

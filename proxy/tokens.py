@@ -13,6 +13,7 @@ import asyncio
 import base64
 import binascii
 import contextlib
+import functools
 import json
 import logging
 import math
@@ -65,6 +66,13 @@ def token_claims(value: str) -> dict[str, Any]:
 def who(claims: dict[str, Any]) -> str:
     """The user or application a token's claims speak for (never the token itself)."""
     return str(claims.get("upn") or claims.get("unique_name") or claims.get("appid") or claims.get("oid") or "unknown")
+
+
+@functools.lru_cache(maxsize=4)
+def identity_of(value: str) -> tuple[str, str]:
+    """The tenant and the user or application a token speaks for: what answers kept for it are keyed by."""
+    claims = token_claims(value)
+    return str(claims.get("tid", "")), who(claims)
 
 
 def describe_identity(claims: dict[str, Any]) -> str:

@@ -336,7 +336,7 @@ async def test_a_viewer_that_moves_to_another_series_gets_read_ahead_there(start
     assert metric(proxy.url, "dicom_proxy_read_ahead_buffered_bytes") > 4 * 250 * 1024
     got = await frames(proxy.url, second, list(range(1, 21)), connections=1)
     assert_the_services_bytes(got, upstream, 20)
-    assert metric(proxy.url, "dicom_proxy_read_ahead_hits_total") >= 10, "the first series' frames kept the room"
+    assert metric(proxy.url, "dicom_proxy_read_ahead_hits_total") >= 5, "the first series' frames kept the room"
 
 
 async def test_frames_the_service_refuses_are_not_asked_for_again_and_again(start_proxy, upstream):
