@@ -35,9 +35,10 @@ from .errors import (
 )
 from .forward import UPSTREAM_FAILURE, Forwarder
 from .guard import Guard
+from .headers import REQUEST_ID_HEADER
 from .logs import MALFORMED, AccessLogger, access_line, sent_bytes
 from .metrics import Metrics
-from .observe import REQUEST_ID, REQUEST_ID_HEADER, Readiness, RequestIds, health
+from .observe import REQUEST_ID, Readiness, RequestIds, health
 from .process import DescriptorShortage, raise_open_file_limit, stop_on_signals
 from .readahead import ReadAhead
 from .session import READ_BUFFER, upstream_session
@@ -100,7 +101,7 @@ class Proxy:
         self._session: aiohttp.ClientSession | None = None
         self.tokens: TokenSource | None = None
         self._forwarder: Forwarder | None = None
-        self.read_ahead: ReadAhead | None = None
+        self._read_ahead: ReadAhead | None = None
         self._read_ahead_session: aiohttp.ClientSession | None = None
         self._gateway: Gateway | None = None
         self._local: dict[str, Endpoint] = {}
@@ -121,13 +122,9 @@ class Proxy:
         self.metrics.watch(tokens)
         self._session = self._given_session or upstream_session(settings)
         if settings.read_ahead > 0:
-            # A pool of its own: read-ahead's bursts lose packets on a congested link, and a connection that
-            # lost some grows its window slowly for a while; the viewer's own requests keep clean ones.
-            self._read_ahead_session = upstream_session(settings)
-            self.read_ahead = ReadAhead(settings, session=self._read_ahead_session, tokens=tokens)
-            self.metrics.watch_read_ahead(self.read_ahead)
+            self._start_read_ahead(tokens)
         self._forwarder = Forwarder(
-            settings, session=self._session, tokens=tokens, decorate=self.decorate, read_ahead=self.read_ahead
+            settings, session=self._session, tokens=tokens, decorate=self.decorate, read_ahead=self._read_ahead
         )
         status = StatusPage(
             settings,
@@ -152,12 +149,22 @@ class Proxy:
             self._gateway = Gateway(settings, client=client, metrics=self.metrics)
             self._gateway.start()
 
+    def _start_read_ahead(self, tokens: TokenSource) -> None:
+        # A pool of its own (unless one was given): read-ahead's bursts lose packets on a congested link, and
+        # a connection that lost some grows its window slowly for a while; the viewer's keep clean ones.
+        if self._given_session is None:
+            self._read_ahead_session = upstream_session(self.settings)
+        session = self._read_ahead_session or self._session
+        assert session is not None
+        self._read_ahead = ReadAhead(self.settings, session=session, tokens=tokens)
+        self.metrics.watch_read_ahead(self._read_ahead)
+
     async def close(self) -> None:
         # The gateway first: its associations still use the token source and the session.
         if self._gateway is not None:
             await self._gateway.close()
-        if self.read_ahead is not None:
-            await self.read_ahead.close()
+        if self._read_ahead is not None:
+            await self._read_ahead.close()
         if self._read_ahead_session is not None:
             await self._read_ahead_session.close()
         if self.tokens is not None:

@@ -10,10 +10,8 @@ from __future__ import annotations
 import asyncio
 import itertools
 import logging
-import re
-from collections.abc import AsyncIterator, Callable, Iterable, Iterator
+from collections.abc import AsyncGenerator, AsyncIterator, Callable, Iterable, Iterator
 from functools import partial
-from urllib.parse import unquote
 
 import aiohttp
 from aiohttp import web
@@ -22,7 +20,7 @@ from yarl import URL
 
 from .auth import send_with_token
 from .buffer import Buffered
-from .errors import ClientTimeout, RequestRefused, UpstreamUnreachable, loggable
+from .errors import ClientTimeout, UpstreamUnreachable, loggable
 from .headers import Headers, client_response_headers, split_host, upstream_request_headers
 from .internals import AsSentResponse, AsSentStreamResponse
 from .logs import SENT_BEFORE_CUT
@@ -34,14 +32,15 @@ from .rewrite import (
     DecodeError,
     mapping_for,
     rewrite_headers,
-    upstream_path,
+    upstream_url,
     with_multipart_type,
 )
+from .series import ClientOrigin
 from .session import upstream_failure
 from .settings import Settings
 from .silence import Silence
 from .tokens import TokenSource
-from .upload import Body, request_body, stalled
+from .upload import Body, request_body, stall_error
 
 logger = logging.getLogger("proxy.forward")
 
@@ -57,8 +56,6 @@ WRITE_BUFFER_HIGH = 1024 * 1024
 # rewriting bounds their speed, and smaller reads keep many of them at once in little memory. Everything
 # else (WADO-RS retrieves) uses the session's large reads.
 DOCUMENT_READ_BUFFER = 256 * 1024
-
-_SEGMENT_SEPARATORS = re.compile(r"[/\\]")
 
 
 def local_origin(request: web.BaseRequest) -> str:
@@ -121,25 +118,14 @@ class Forwarder:
         self._base_path = settings.upstream.raw_path.rstrip("/")
         self._proxy = settings.upstream_proxy
 
-    def upstream_url(self, raw_target: str) -> URL:
-        """The upstream URL for a raw origin-form target, byte for byte, never above the base path."""
-        # Decoded twice (%252e), with ';' parameters and NULs cut off (..;/ and ..%00 climb on some servers).
-        path = unquote(unquote(raw_target.split("?", 1)[0]))
-        # Only a segment that starts with a dot can be one; DICOM UIDs are full of dots, but never there.
-        if path.startswith(".") or "/." in path or "\\." in path:
-            segments = _SEGMENT_SEPARATORS.split(path)
-            if any(segment.split(";", 1)[0].split("\x00", 1)[0] in (".", "..") for segment in segments):
-                raise RequestRefused("the path contains '.' or '..' segments, which could climb above the base path")
-        return URL(self._origin + upstream_path(self._base_path, raw_target), encoded=True)
-
     async def __call__(self, request: web.BaseRequest) -> web.StreamResponse:
-        url = self.upstream_url(request.raw_path)
+        url = upstream_url(self._origin, self._base_path, request.raw_path)
         if self._read_ahead is not None and not request.body_exists:
-            client = (request.remote, request.scheme, request.host)
+            client = ClientOrigin(request.remote, request.scheme, request.host)
             buffered = await self._read_ahead.take(request.method, request.raw_path, request.headers, client)
             if buffered is not None:
                 return await self._from_buffer(request, buffered)
-        body = await request_body(request, replay_limit=self._settings.replay_limit, silence=self._silence)
+        body = await request_body(request, replay_limit=self._settings.replay_limit, silence_limit=self._silence)
         upstream = await send_with_token(
             self._tokens,
             lambda token: self._send(request, url, token, body),
@@ -174,7 +160,7 @@ class Forwarder:
         except ClientTimeout:
             raise
         except Exception as exc:
-            stall = stalled(request, self._silence)
+            stall = stall_error(request, self._silence)
             if stall is not None:
                 raise stall from exc
             failure = upstream_failure(exc, url.host)
@@ -233,8 +219,9 @@ class Forwarder:
         headers = plan.headers(headers, transformed=transform is not None)
         watch = self._watch(request, upstream.status, headers)
         return await self._stream(
-            request, upstream.status, upstream.reason, headers, ready, upstream.content, transform, watch
-        )
+            request, upstream.status, upstream.reason, headers, ready,
+            content=upstream.content, transform=transform, watch=watch,
+        )  # fmt: skip
 
     def _watch(self, request: web.BaseRequest, status: int, headers: Headers) -> MetadataWatch | None:
         """Read-ahead's look at an answer as it goes out with `headers`: a series' metadata teaches it the
@@ -281,6 +268,7 @@ class Forwarder:
         reason: str | None,
         headers: CIMultiDict[str],
         ready: Iterable[bytes],
+        *,
         content: aiohttp.StreamReader | None = None,
         transform: BodyTransform | None = None,
         watch: MetadataWatch | None = None,
@@ -294,38 +282,25 @@ class Forwarder:
             # upstream read; room for one chunk lets reading and writing overlap. A rewritten body is bound
             # by the rewriting, not the copying, and keeps the default, which bounds memory per answer.
             request.transport.set_write_buffer_limits(high=WRITE_BUFFER_HIGH)
-
         silence = Silence(self._silence, partial(self._stopped_reading, request))
         # Inflated pieces come from bytes already read: no read waits between them, so the loop is let run.
         inflating = transform is not None and transform.inflates
+        pieces = _outgoing(ready, content, transform)
         try:
-            pieces: Iterable[bytes] = ready
-            while True:
-                for piece in pieces:
-                    if watch is not None:
-                        watch.feed(piece)
-                    if piece and not await self._write(request, response, silence, piece):
-                        return response
-                    if inflating:
-                        await asyncio.sleep(0)
-                if content is None:
-                    break
-                chunk = await content.readany()
-                if not chunk:
-                    break
-                pieces = (chunk,) if transform is None else transform.feed(chunk)
-            if transform is not None:
-                last = transform.finish()
+            async for piece in pieces:
                 if watch is not None:
-                    watch.feed(last)
-                if not await self._write(request, response, silence, last):
+                    watch.feed(piece)
+                if piece and not await self._write(request, response, silence, piece):
                     return response
+                if inflating:
+                    await asyncio.sleep(0)
             if await self._write(request, response, silence, None) and watch is not None:
                 watch.done()
         except (TimeoutError, aiohttp.ClientError, DecodeError) as exc:
             _broke_off(request, exc)
         finally:
             silence.close()
+            await pieces.aclose()
         return response
 
     def _stopped_reading(self, request: web.BaseRequest) -> None:
@@ -379,6 +354,25 @@ async def _inflate_some(transform: BodyTransform, body: bytes) -> tuple[list[byt
         await asyncio.sleep(0)
     ready.append(transform.finish())
     return ready, None
+
+
+async def _outgoing(
+    ready: Iterable[bytes], content: aiohttp.StreamReader | None, transform: BodyTransform | None
+) -> AsyncGenerator[bytes, None]:
+    """An answer's body as it goes out: `ready` first, then what is left of the upstream's `content`, through
+    `transform` when there is one."""
+    for piece in ready:
+        yield piece
+    if content is None:
+        return
+    while chunk := await content.readany():
+        if transform is None:
+            yield chunk
+        else:
+            for piece in transform.feed(chunk):
+                yield piece
+    if transform is not None:
+        yield transform.finish()
 
 
 def _drain(pieces: list[bytes]) -> Iterator[bytes]:

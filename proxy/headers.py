@@ -41,6 +41,9 @@ REPLACED_ON_THE_WAY_UP = frozenset(
 
 Headers = CIMultiDictProxy[str] | CIMultiDict[str]
 
+# The proxy's own request id, on every answer; a client's own one is kept when it is a UUID or hex.
+REQUEST_ID_HEADER = "X-Request-Id"
+
 
 def split_host(host: str) -> tuple[str, str] | None:
     """A Host value's name and port ('' when it names none, or an empty one); None when it is not
@@ -108,6 +111,12 @@ def upstream_request_headers(
     return headers
 
 
+def forwardable(incoming: Headers) -> CIMultiDict[str]:
+    """The headers of a request that may be sent on to the service: no secrets, nothing hop-by-hop, nothing
+    the proxy sets itself."""
+    return _copy_except(incoming, _NOT_UP)
+
+
 def client_response_headers(upstream: Headers) -> CIMultiDict[str]:
     """Headers for the client's response: the upstream's, minus hop-by-hop ones and its CORS answer.
 
@@ -118,6 +127,10 @@ def client_response_headers(upstream: Headers) -> CIMultiDict[str]:
     return _copy_except(upstream, _NOT_DOWN, dropped_prefix="access-control-")
 
 
+# The longest a Retry-After is heeded: a service's mistake must not stop the proxy's own work for hours.
+MOST_RETRY_AFTER = 600.0
+
+
 def retry_after_seconds(value: str | None, default: float, *, now: float | None = None) -> float:
     """Seconds to wait from a Retry-After in seconds or as an HTTP date, at most 10 minutes; `default` when
     there is none or it cannot be read."""
@@ -125,9 +138,9 @@ def retry_after_seconds(value: str | None, default: float, *, now: float | None 
         return default
     text = value.strip()
     if text.isdigit():
-        return min(float(text), 600.0)
+        return min(float(text), MOST_RETRY_AFTER)
     try:
         when = email.utils.parsedate_to_datetime(text).timestamp()
     except (TypeError, ValueError):
         return default
-    return max(0.0, min(when - (time.time() if now is None else now), 600.0))
+    return max(0.0, min(when - (time.time() if now is None else now), MOST_RETRY_AFTER))

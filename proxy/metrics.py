@@ -7,17 +7,22 @@ here, on the request path, whatever the access log does.
 from __future__ import annotations
 
 import bisect
+import dataclasses
 import itertools
 import time
 from collections.abc import Callable, Iterator
+from typing import TYPE_CHECKING
 
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.metrics_core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
 from prometheus_client.registry import Collector
 
-from .readahead import ReadAhead
+from .buffer import Counts
 from .tokens import TokenSource
+
+if TYPE_CHECKING:  # only its type: the metrics need not load read-ahead's machinery
+    from .readahead import ReadAhead
 
 _KNOWN_METHODS = frozenset({"GET", "HEAD", "OPTIONS", "POST", "PUT", "PATCH", "DELETE"})
 _STATUS_CLASSES = {1: "1xx", 2: "2xx", 3: "3xx", 4: "4xx", 5: "5xx"}
@@ -146,16 +151,6 @@ class Traffic(Collector):
         yield errors
 
 
-# Read-ahead's counts: the Counts field (the metric is dicom_proxy_read_ahead_<field>_total) and its help.
-_READ_AHEAD_COUNTERS = (
-    ("hits", "Client requests answered from read-ahead"),
-    ("misses", "Client requests for a frame of a series being read ahead that went to the service"),
-    ("requests", "Requests read-ahead sent to the service"),
-    ("fetched_bytes", "Body bytes read ahead from the service"),
-    ("wasted_bytes", "Bytes read ahead and dropped unserved (expired, cleared, or cut off at the cap)"),
-)
-
-
 class ReadAheadCounts(Collector):
     """What read-ahead did: hits and misses of client requests, and the bytes it fetched and wasted."""
 
@@ -164,8 +159,9 @@ class ReadAheadCounts(Collector):
 
     def collect(self) -> Iterator[Metric]:
         counts = self._read_ahead.counts
-        for field, help_text in _READ_AHEAD_COUNTERS:
-            yield CounterMetricFamily(f"dicom_proxy_read_ahead_{field}", help_text, value=getattr(counts, field))
+        for field in dataclasses.fields(Counts):
+            name, help_text = f"dicom_proxy_read_ahead_{field.name}", field.metadata["help"]
+            yield CounterMetricFamily(name, help_text, value=getattr(counts, field.name))
         yield GaugeMetricFamily(
             "dicom_proxy_read_ahead_buffered_bytes", "Bytes held by read-ahead now", value=self._read_ahead.buffered
         )

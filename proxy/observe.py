@@ -13,10 +13,10 @@ import re
 from aiohttp import web
 
 from .errors import NotReady
+from .headers import REQUEST_ID_HEADER
 from .tokens import TokenSource, expiry_text
 
 REQUEST_ID = web.RequestKey("request_id", str)
-REQUEST_ID_HEADER = "X-Request-Id"
 # A client's own request id is kept (and logged) only when it is a UUID or hex: a freer one could carry a
 # patient's name into the log, where no client text may go, or forge log lines.
 _CLIENT_REQUEST_ID = re.compile(r"^[0-9A-Fa-f-]{8,64}$")

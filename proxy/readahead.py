@@ -18,30 +18,32 @@ import re
 import time
 from collections import deque
 from collections.abc import Callable
-from dataclasses import dataclass, field
 
 import aiohttp
 from cachetools import TTLCache
-from yarl import URL
 
-from .buffer import BUFFER_SECONDS, Buffer, Buffered, Counts, Key, answer_key, servable
+from .buffer import AnswerKey, Buffer, Buffered, Counts, answer_key, answer_variant, servable
 from .errors import TokenUnavailable
-from .headers import Headers, retry_after_seconds, upstream_request_headers
-from .rewrite import body_kind, upstream_path
-from .series import InstanceScanner, Series
+from .headers import REQUEST_ID_HEADER, Headers, forwardable, retry_after_seconds, upstream_request_headers
+from .rewrite import body_kind, upstream_url
+from .series import ClientOrigin, Instance, InstanceScanner, Reading, Series
 from .session import discard
 from .settings import Settings
 from .tokens import TokenSource, identity_of
 
 logger = logging.getLogger("proxy.readahead")
 
-# How far ahead of the client's last request, in read-ahead requests, at most. A reading starts one
-# request's worth ahead, so a client that looks at one frame costs little, and doubles with every hit.
-WINDOW_PER_REQUEST = 4
-# After a 429 or 503 without Retry-After, or a 403: how long read-ahead rests.
+# How far ahead of the client's last request a reading fetches, in rounds of --read-ahead-requests: it
+# starts one round ahead (a client that looks at one frame costs one round) and doubles with every hit up
+# to this many.
+MOST_WINDOW_ROUNDS = 4
+# After a 403, or a 429 or 503 without Retry-After: how long read-ahead rests.
 REST_SECONDS = 30.0
-# Series remembered, and for how long after their metadata went by.
+# Series remembered, and for how long after their metadata went by; readings of them (one per form and
+# Accept); items the service refused, not asked for again for REFUSED_SECONDS.
 SERIES_KEPT, SERIES_SECONDS = 16, 3600.0
+READINGS_KEPT = 4 * SERIES_KEPT
+REFUSALS_KEPT, REFUSED_SECONDS = 4096, 30.0
 
 _SERIES = r"(?P<series>(?:/[^/?]+)*/studies/[^/?]+/series/[^/?]+)"
 _METADATA_PATH = re.compile(_SERIES + r"/metadata")
@@ -50,36 +52,19 @@ _ITEM_PATH = re.compile(_SERIES + r"/instances/(?P<instance>[^/?]+)(?:/frames/(?
 _CHANGES = frozenset({"DELETE", "POST", "PUT", "PATCH"})
 
 
-@dataclass(eq=False)
-class Reading:
-    """The client's reading of one series in one form (frames or instances, with its Accept)."""
-
-    series: Series
-    frames: bool  # frames (.../frames/n) rather than whole instances
-    headers: Headers  # the first request's: what read-ahead sends, with another path
-    client: tuple[str | None, str, str]  # its address, scheme and Host, for X-Forwarded-*
-    window: int  # how many items after the client's last one are read ahead
-    last: int | None = None
-    ahead: int = -1  # the furthest item already considered going forwards
-    asked: set[int] = field(default_factory=set)  # asked for by the client since the metadata went by
-    queued: set[int] = field(default_factory=set)
-    largest: int = 0  # the largest answer read ahead so far: room is kept for one more like it
-    stopped: bool = False  # left to the client: an answer too large to buffer, or a series that changed
-
-
 class MetadataWatch:
     """Read-ahead's look at a series' metadata as it goes out to the client: `done()` once it all went."""
 
-    def __init__(self, read_ahead: ReadAhead, raw_path: str, scanner: InstanceScanner) -> None:
+    def __init__(self, read_ahead: ReadAhead, prefix: str, scanner: InstanceScanner) -> None:
         self._read_ahead = read_ahead
-        self._raw_path = raw_path
+        self._prefix = prefix
         self._scanner = scanner
 
     def feed(self, piece: bytes) -> None:
         self._scanner.feed(piece)
 
     def done(self) -> None:
-        self._read_ahead.learned(self._raw_path, self._scanner)
+        self._read_ahead.learned(self._prefix, self._scanner.finish())
 
 
 class ReadAhead:
@@ -101,24 +86,25 @@ class ReadAhead:
         self._proxy = settings.upstream_proxy
         self._capacity = settings.read_ahead
         # One answer may take a quarter of the cap: a series of such answers still gets several ahead.
-        self._largest_answer = settings.read_ahead // 4
-        self._concurrency = settings.read_ahead_requests
-        self._window = WINDOW_PER_REQUEST * settings.read_ahead_requests
+        self._answer_limit = settings.read_ahead // 4
+        self._concurrency = settings.read_ahead_requests  # also a reading's first window: one round
+        self._most_window = MOST_WINDOW_ROUNDS * settings.read_ahead_requests
         self.counts = Counts()
         self._buffer = Buffer(settings.read_ahead, self.counts, clock)
-        self._refused: TTLCache[Key, int] = TTLCache(4096, BUFFER_SECONDS, timer=clock)  # not asked for again
+        self._refused: TTLCache[AnswerKey, int] = TTLCache(REFUSALS_KEPT, REFUSED_SECONDS, timer=clock)
         self._series: TTLCache[str, Series] = TTLCache(SERIES_KEPT, SERIES_SECONDS, timer=clock)
-        self._readings: TTLCache[tuple[str, bool, str, str], Reading] = TTLCache(
-            4 * SERIES_KEPT, SERIES_SECONDS, timer=clock
+        # By series prefix, frame by frame or not, and the answer's variant (Accept, Accept-Encoding).
+        self._readings: TTLCache[tuple[str, bool, tuple[str, str]], Reading] = TTLCache(
+            READINGS_KEPT, SERIES_SECONDS, timer=clock
         )
-        self._in_flight: dict[Key, asyncio.Future[None]] = {}
+        self._in_flight: dict[AnswerKey, asyncio.Future[None]] = {}
         self._reading_bytes = 0  # bodies being read ahead now, not yet in the buffer
         self._serving_bytes = 0  # answers taken from the buffer, being written to their client
         self._queue: deque[tuple[Reading, int]] = deque()
         self._workers: set[asyncio.Task[None]] = set()
         self._generation = 0  # bumped by clear(): fetches begun before it keep nothing
         self._resting_until = 0.0
-        self._last_size = 0
+        self._last_answer_size = 0
 
     @property
     def buffered(self) -> int:
@@ -134,17 +120,13 @@ class ReadAhead:
 
     def watch(self, method: str, raw_path: str, content_encoding: str | None) -> MetadataWatch | None:
         """A watch on the answer to this request when it is a series' metadata; None for any other."""
-        if method != "GET" or _METADATA_PATH.fullmatch(raw_path) is None:
-            return None
-        return MetadataWatch(self, raw_path, InstanceScanner(content_encoding))
+        found = _METADATA_PATH.fullmatch(raw_path) if method == "GET" else None
+        return None if found is None else MetadataWatch(self, found["series"], InstanceScanner(content_encoding))
 
-    def learned(self, raw_path: str, scanner: InstanceScanner) -> None:
-        """The metadata at `raw_path` went to the client whole: its instances are the series' from now on."""
-        found = _METADATA_PATH.fullmatch(raw_path)
-        instances = scanner.finish()
-        if found is None or not instances:
+    def learned(self, prefix: str, instances: list[Instance]) -> None:
+        """The metadata of the series at `prefix` went to the client whole: these are its instances now."""
+        if not instances:
             return
-        prefix = found["series"]
         known = self._series.get(prefix)
         changed = known is None or known.uids != [instance.uid for instance in instances]
         if changed:
@@ -161,9 +143,7 @@ class ReadAhead:
 
     # ---- answering from the buffer
 
-    async def take(
-        self, method: str, raw_path: str, headers: Headers, client: tuple[str | None, str, str]
-    ) -> Buffered | None:
+    async def take(self, method: str, raw_path: str, headers: Headers, client: ClientOrigin) -> Buffered | None:
         """The buffered answer to this request, waiting for one on its way; None when the request must go to
         the service. Every request of a known series moves the read-ahead on. An answer taken must be given
         back to `served()` once written."""
@@ -200,7 +180,7 @@ class ReadAhead:
             return None
         self.counts.hits += 1
         self._serving_bytes += entry.size
-        reading.window = min(self._window, 2 * reading.window)
+        reading.window = min(self._most_window, 2 * reading.window)
         return entry
 
     def served(self, entry: Buffered) -> None:
@@ -208,16 +188,20 @@ class ReadAhead:
         self._serving_bytes -= entry.size
 
     def answered(self, method: str, status: int, retry_after: str | None) -> None:
-        """What the service answered a client's own request: a refusal clears, a change clears, a 429 rests."""
+        """What the service answered a request, the client's or read-ahead's own: a refusal or a change clears
+        the buffer, a 403 (the identity may not read) and a 429 or 503 (too many requests) rest read-ahead."""
         if status in (401, 403):
             self.clear(f"the service refused a request ({status})")
+            if status == 403:
+                self.rest(REST_SECONDS)
         elif status in (429, 503):
             self.rest(retry_after_seconds(retry_after, REST_SECONDS))
         elif method in _CHANGES and 200 <= status < 300:
             self.clear(f"a {method} through the proxy may have changed the service's content")
 
     def clear(self, why: str) -> None:
-        """Drop everything read ahead, and keep nothing of what is on its way (a 401, a 403, a new identity)."""
+        """Drop everything read ahead, and keep nothing of what is on its way: after a refusal, a new identity,
+        or a change made through the proxy."""
         if self._buffer.currsize or self._in_flight:
             logger.info("read-ahead buffer cleared: %s", why)
         self.counts.wasted_bytes += int(self._buffer.currsize)
@@ -245,20 +229,19 @@ class ReadAhead:
                 await worker
         self._buffer.clear()
 
-    def _reading(self, found: re.Match[str], headers: Headers, client: tuple[str | None, str, str]) -> Reading | None:
+    def _reading(self, found: re.Match[str], headers: Headers, client: ClientOrigin) -> Reading | None:
         prefix = found["series"]
-        frames = found["frame"] is not None
-        accept, encoding = answer_key("", headers)[1:]
-        key = (prefix, frames, accept, encoding)
+        by_frame = found["frame"] is not None
+        key = (prefix, by_frame, answer_variant(headers))
         reading = self._readings.get(key)
         if reading is not None:
             return reading
         series = self._series.get(prefix)
         if series is None:
             return None
-        sent = headers.copy()
-        sent.popall("X-Request-Id", None)  # the first request's own: the service would see it on every one
-        reading = Reading(series, frames, sent, client, window=self._concurrency)
+        sent = forwardable(headers)
+        sent.popall(REQUEST_ID_HEADER, None)  # the first request's own: the service would see it on every one
+        reading = Reading(series, by_frame, sent, client, window=self._concurrency)
         self._readings[key] = reading
         return reading
 
@@ -273,7 +256,7 @@ class ReadAhead:
         if backwards:
             following = range(position - 1, max(-1, position - reading.window - 1), -1)
         else:  # only what the window newly covers: a request costs no more than the items it adds
-            end = min(reading.series.count(reading.frames), position + reading.window + 1)
+            end = min(reading.series.count(reading.by_frame), position + reading.window + 1)
             following = range(max(position, reading.ahead) + 1, end)
             reading.ahead = max(reading.ahead, end - 1)
         for index in following:
@@ -281,16 +264,16 @@ class ReadAhead:
                 reading.queued.add(index)
                 self._queue.append((reading, index))
         while self._queue and len(self._workers) < self._concurrency:
-            worker = asyncio.get_running_loop().create_task(self._work())
+            worker = asyncio.get_running_loop().create_task(self._fetch_queued())
             self._workers.add(worker)
             worker.add_done_callback(self._workers.discard)
 
     def _wanted(self, reading: Reading, index: int) -> bool:
         """Whether an item is still to be fetched: not buffered, on its way, or refused a moment ago."""
-        key = answer_key(reading.series.path(index, reading.frames), reading.headers)
+        key = answer_key(reading.series.path(index, reading.by_frame), reading.headers)
         return key not in self._in_flight and key not in self._buffer and key not in self._refused
 
-    async def _work(self) -> None:
+    async def _fetch_queued(self) -> None:
         while self._queue:
             reading, index = self._queue.popleft()
             reading.queued.discard(index)
@@ -300,7 +283,7 @@ class ReadAhead:
                 reading.ahead = min(reading.ahead, index - 1)  # not fetched: the client's next request may queue it
                 continue
             try:
-                await self._fetch(reading, reading.series.path(index, reading.frames))
+                await self._fetch_into_buffer(reading, reading.series.path(index, reading.by_frame))
             except asyncio.CancelledError:
                 raise
             except (aiohttp.ClientError, TimeoutError) as exc:  # the client's own request follows
@@ -312,7 +295,7 @@ class ReadAhead:
         """Room for one more answer like the largest so far; answers of other series, which the client has
         left, are dropped to make it."""
         self._buffer.expire()
-        expected = reading.largest or self._last_size  # a new reading: like the last answer read ahead
+        expected = reading.largest or self._last_answer_size  # a new reading: like the last answer read ahead
         needed = self.buffered + expected - self._capacity
         if needed > 0:
             mine = reading.series.prefix + "/"
@@ -324,13 +307,13 @@ class ReadAhead:
                     break
         return needed <= 0
 
-    async def _fetch(self, reading: Reading, raw_path: str) -> None:
+    async def _fetch_into_buffer(self, reading: Reading, raw_path: str) -> None:
         key = answer_key(raw_path, reading.headers)
         future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self._in_flight[key] = future
         generation = self._generation
         try:
-            entry = await self._read(reading, raw_path, key)
+            entry = await self._download(reading, raw_path, key)
             if entry is not None and generation == self._generation:
                 self._buffer[key] = entry
             elif entry is not None:  # cleared meanwhile: kept by nobody
@@ -340,19 +323,22 @@ class ReadAhead:
             if self._in_flight.get(key) is future:
                 del self._in_flight[key]
 
-    async def _read(self, reading: Reading, raw_path: str, key: Key) -> Buffered | None:
+    async def _download(self, reading: Reading, raw_path: str, key: AnswerKey) -> Buffered | None:
         try:
             token = await self._tokens.get()
         except TokenUnavailable:
-            return None
-        address, scheme, host = reading.client
+            return None  # the client's own request gets the proxy's 503, which says why
+        client = reading.client
         headers = upstream_request_headers(
-            reading.headers, token=token, client_address=address, client_scheme=scheme, client_host=host
-        )
-        url = URL(self._origin + upstream_path(self._base_path, raw_path), encoded=True)
+            reading.headers, token=token, client_address=client.address, client_scheme=client.scheme,
+            client_host=client.host,
+        )  # fmt: skip
+        url = upstream_url(self._origin, self._base_path, raw_path)
         self.counts.requests += 1
         async with self._session.get(url, headers=headers, allow_redirects=False, proxy=self._proxy) as response:
-            if not self._bufferable(response, reading, key):
+            if response.status != 200:
+                self._refused_by_service(response, key)
+            if not self._keepable(response, reading):
                 await discard(response)
                 return None
             pieces: list[bytes] = []
@@ -362,8 +348,8 @@ class ReadAhead:
                     size += len(chunk)
                     self._reading_bytes += len(chunk)
                     self.counts.fetched_bytes += len(chunk)
-                    if self.buffered > self._capacity or size > self._largest_answer:
-                        reading.stopped = size > self._largest_answer
+                    if self.buffered > self._capacity or size > self._answer_limit:
+                        reading.stopped = size > self._answer_limit
                         self.counts.wasted_bytes += size
                         response.close()
                         return None
@@ -371,20 +357,21 @@ class ReadAhead:
             finally:
                 self._reading_bytes -= size
             reading.largest = max(reading.largest, size)
-            self._last_size = size
+            self._last_answer_size = size
             return Buffered(response.status, response.reason, response.headers, pieces, size, identity_of(token))
 
-    def _bufferable(self, response: aiohttp.ClientResponse, reading: Reading, key: Key) -> bool:
-        """Only a whole 200 of a kind that goes out as it came is buffered; a refusal stops read-ahead."""
-        status = response.status
-        if status != 200:
-            if status not in (401, 403, 429, 503):  # about this item, not about the token or the load
-                self._refused[key] = status
-            self.answered("GET", status, response.headers.get("Retry-After"))
+    def _refused_by_service(self, response: aiohttp.ClientResponse, key: AnswerKey) -> None:
+        """A refusal of an item is remembered for a while; one of the token or of the load acts on all."""
+        if response.status not in (401, 403, 429, 503):
+            self._refused[key] = response.status
+        self.answered("GET", response.status, response.headers.get("Retry-After"))
+
+    def _keepable(self, response: aiohttp.ClientResponse, reading: Reading) -> bool:
+        """Only a 200 of a kind that goes out as it came (no link to rewrite), small enough, is kept; an
+        answer too large stops the reading, whose next ones would be as large."""
+        if response.status != 200 or body_kind(response.headers.get("Content-Type")) is not None:
             return False
-        if body_kind(response.headers.get("Content-Type")) is not None:
-            return False
-        if response.content_length is not None and response.content_length > self._largest_answer:
+        if response.content_length is not None and response.content_length > self._answer_limit:
             reading.stopped = True
             return False
         return True

@@ -19,9 +19,12 @@ from dataclasses import dataclass
 from email.message import Message
 from itertools import islice, repeat
 from typing import Literal
+from urllib.parse import unquote
 
 from multidict import CIMultiDict
+from yarl import URL
 
+from .errors import RequestRefused
 from .inflate import DecodeError as DecodeError  # re-exported: the forwarder catches it from a transform
 from .inflate import inflater_for
 
@@ -64,6 +67,22 @@ def split_version(base_path: str) -> tuple[str, bool]:
     """The base path without a trailing API version segment, and whether it had one."""
     match = _VERSION_SEGMENT.search(base_path)
     return (base_path[: match.start()], True) if match else (base_path, False)
+
+
+_SEGMENT_SEPARATORS = re.compile(r"[/\\]")
+
+
+def upstream_url(origin: str, base_path: str, raw_target: str) -> URL:
+    """The upstream URL for a raw origin-form target, byte for byte, never above the base path (for the
+    forwarder, and for read-ahead's requests made in a client's name)."""
+    # Decoded twice (%252e), with ';' parameters and NULs cut off (..;/ and ..%00 climb on some servers).
+    path = unquote(unquote(raw_target.split("?", 1)[0]))
+    # Only a segment that starts with a dot can be one; DICOM UIDs are full of dots, but never there.
+    if path.startswith(".") or "/." in path or "\\." in path:
+        segments = _SEGMENT_SEPARATORS.split(path)
+        if any(segment.split(";", 1)[0].split("\x00", 1)[0] in (".", "..") for segment in segments):
+            raise RequestRefused("the path contains '.' or '..' segments, which could climb above the base path")
+    return URL(origin + upstream_path(base_path, raw_target), encoded=True)
 
 
 def upstream_path(base_path: str, raw_target: str) -> str:

@@ -1,7 +1,8 @@
-"""What read-ahead knows of a series: its instances and their frames, learned from the series' metadata.
+"""What read-ahead knows of a series (its instances and their frames, learned from the series' metadata) and
+of a client's reading of it.
 
 The metadata (DICOM JSON, tens of MiB for a large series) is scanned as it streams to the client, without
-parsing it whole; a compressed one is inflated for the scan, up to a bound.
+parsing it whole, up to MOST_SCANNED bytes; a compressed one is inflated for the scan.
 """
 
 from __future__ import annotations
@@ -9,8 +10,10 @@ from __future__ import annotations
 import bisect
 import itertools
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import NamedTuple
 
+from .headers import Headers
 from .inflate import DecodeError, Inflater, inflater_for
 
 # In DICOM JSON each instance's attributes come in tag order: its SOP Instance UID (00080018), then its
@@ -107,25 +110,50 @@ class Series:
     def __init__(self, prefix: str, instances: list[Instance]) -> None:
         self.prefix = prefix  # the path up to and with the series UID, as the client wrote it
         self.uids = [instance.uid for instance in instances]
-        self._index = {uid: number for number, uid in enumerate(self.uids)}
+        self._index_of = {uid: index for index, uid in enumerate(self.uids)}
         # Where each instance's frames start among all the series' frames.
         self._starts = list(itertools.accumulate((instance.frames for instance in instances), initial=0))
 
-    def count(self, frames: bool) -> int:
-        return self._starts[-1] if frames else len(self.uids)
+    def count(self, by_frame: bool) -> int:
+        return self._starts[-1] if by_frame else len(self.uids)
 
     def position(self, uid: str, frame: int | None) -> int | None:
         """Where instance `uid` (or its frame `frame`, counted from 1) stands; None when it is not one of them."""
-        number = self._index.get(uid)
-        if number is None:
+        index = self._index_of.get(uid)
+        if index is None:
             return None
         if frame is None:
-            return number
-        start = self._starts[number]
-        return start + frame - 1 if frame <= self._starts[number + 1] - start else None
+            return index
+        start = self._starts[index]
+        return start + frame - 1 if frame <= self._starts[index + 1] - start else None
 
-    def path(self, position: int, frames: bool) -> str:
-        if not frames:
+    def path(self, position: int, by_frame: bool) -> str:
+        if not by_frame:
             return f"{self.prefix}/instances/{self.uids[position]}"
-        number = bisect.bisect_right(self._starts, position) - 1
-        return f"{self.prefix}/instances/{self.uids[number]}/frames/{position - self._starts[number] + 1}"
+        index = bisect.bisect_right(self._starts, position) - 1
+        return f"{self.prefix}/instances/{self.uids[index]}/frames/{position - self._starts[index] + 1}"
+
+
+class ClientOrigin(NamedTuple):
+    """Where a request came from, for the X-Forwarded-* of the requests read-ahead sends in its name."""
+
+    address: str | None
+    scheme: str
+    host: str
+
+
+@dataclass(eq=False)
+class Reading:
+    """A client's reading of one series in one form (frame by frame or instance by instance, with its Accept)."""
+
+    series: Series
+    by_frame: bool  # .../frames/n rather than whole instances
+    headers: Headers = field(repr=False)  # the first request's, secrets removed: sent again with other paths
+    client: ClientOrigin
+    window: int  # how many items after the client's last one are read ahead
+    last: int | None = None
+    ahead: int = -1  # the furthest item already considered going forwards
+    asked: set[int] = field(default_factory=set)  # asked for by the client since the metadata went by
+    queued: set[int] = field(default_factory=set)
+    largest: int = 0  # the largest answer read ahead so far: room is kept for one more like it
+    stopped: bool = False  # left to the client: an answer too large to buffer, or a series that changed

@@ -13,7 +13,6 @@ import asyncio
 import base64
 import binascii
 import contextlib
-import functools
 import json
 import logging
 import math
@@ -68,7 +67,6 @@ def who(claims: dict[str, Any]) -> str:
     return str(claims.get("upn") or claims.get("unique_name") or claims.get("appid") or claims.get("oid") or "unknown")
 
 
-@functools.lru_cache(maxsize=4)
 def identity_of(value: str) -> tuple[str, str]:
     """The tenant and the user or application a token speaks for: what answers kept for it are keyed by."""
     claims = token_claims(value)

@@ -20,30 +20,30 @@ Body = bytes | AsyncIterator[bytes] | None
 _CLIENT_STALLED = web.RequestKey("client_stalled", bool)
 
 
-async def request_body(request: web.BaseRequest, *, replay_limit: int, silence: float) -> Body:
+async def request_body(request: web.BaseRequest, *, replay_limit: int, silence_limit: float) -> Body:
     """The body to send: bytes when it is at most `replay_limit` long, else a stream of it; None if none."""
     if not request.body_exists:
         return None
     length = request.content_length
     if length is not None and length <= replay_limit:
-        return b"".join([chunk async for chunk in _client_body(request, silence)])
-    return _client_body(request, silence)
+        return b"".join([chunk async for chunk in _client_body(request, silence_limit)])
+    return _client_body(request, silence_limit)
 
 
-def stalled(request: web.BaseRequest, silence: float) -> ClientTimeout | None:
+def stall_error(request: web.BaseRequest, silence_limit: float) -> ClientTimeout | None:
     """The error for a request whose client stopped sending its body; None when it did not."""
-    return _stalled_error(silence) if request.get(_CLIENT_STALLED) else None
+    return _stalled_error(silence_limit) if request.get(_CLIENT_STALLED) else None
 
 
-async def _client_body(request: web.BaseRequest, seconds: float) -> AsyncIterator[bytes]:
-    """The client's body as it arrives; a pause longer than `seconds` ends the request."""
+async def _client_body(request: web.BaseRequest, silence_limit: float) -> AsyncIterator[bytes]:
+    """The client's body as it arrives; a pause longer than `silence_limit` seconds ends the request."""
     content = request.content
 
     def went_silent() -> None:
         request[_CLIENT_STALLED] = True
-        content.set_exception(_stalled_error(seconds))
+        content.set_exception(_stalled_error(silence_limit))
 
-    silence = Silence(seconds, went_silent)
+    silence = Silence(silence_limit, went_silent)
     try:
         while True:
             silence.waiting()

@@ -153,6 +153,7 @@ def counters(registry: CollectorRegistry) -> Counters:
 
 
 def _read_ahead(totals: dict[str, dict[str, int]]) -> ReadAheadCounters | None:
+    # The read-ahead counters are in the registry only when read-ahead is on (--read-ahead-mib above 0).
     if not totals["dicom_proxy_read_ahead_hits_total"]:
         return None
     return {
