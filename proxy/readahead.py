@@ -147,10 +147,8 @@ class ReadAhead:
         """The buffered answer to this request, waiting for one on its way; None when the request must go to
         the service. Every request of a known series moves the read-ahead on. An answer taken must be given
         back to `served()` once written."""
-        if method != "GET" or not servable(headers):
-            return None
-        found = _ITEM_PATH.fullmatch(raw_path)
-        if found is None:
+        found = _ITEM_PATH.fullmatch(raw_path) if method == "GET" else None
+        if found is None or not servable(headers):
             return None
         reading = self._reading(found, headers, client)
         if reading is None:
