@@ -174,7 +174,6 @@ async def test_the_cap_holds_with_a_1_gb_series(start_proxy, upstream):
     got = await frames(proxy.url, series, list(range(1, 101)))
     assert_the_services_bytes(got, upstream, 100)
     assert metric(proxy.url, "dicom_proxy_read_ahead_hits_total") > 0
-    print(f"peak RSS {proxy.peak_rss_mib():.0f} MiB")
     assert proxy.peak_rss_mib() <= 64 + 100, f"peak RSS {proxy.peak_rss_mib():.0f} MiB with a 64 MiB cap"
 
 
