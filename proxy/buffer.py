@@ -75,10 +75,6 @@ def answer_variant(headers: Headers) -> tuple[str, str]:
     return ",".join(headers.getall("Accept", ())), ",".join(headers.getall("Accept-Encoding", ()))
 
 
-def answer_key(raw_path: str, headers: Headers) -> AnswerKey:
-    return (raw_path, *answer_variant(headers))
-
-
 def servable(headers: Headers) -> bool:
     """Whether a request may be answered from the buffer: a whole answer, asked for without conditions."""
     return not any(name in headers for name in _NOT_FROM_BUFFER) and not _wants_it_fresh(headers)

@@ -22,7 +22,7 @@ from collections.abc import Callable
 import aiohttp
 from cachetools import TTLCache
 
-from .buffer import AnswerKey, Buffer, Buffered, Counts, answer_key, answer_variant, servable
+from .buffer import AnswerKey, Buffer, Buffered, Counts, answer_variant, servable
 from .errors import TokenUnavailable
 from .headers import REQUEST_ID_HEADER, Headers, forwardable, retry_after_seconds, upstream_request_headers
 from .rewrite import body_kind, upstream_url
@@ -157,7 +157,7 @@ class ReadAhead:
         position = reading.series.position(found["instance"], None if frame is None else int(frame))
         if position is None:
             return None
-        key = answer_key(raw_path, headers)
+        key = (raw_path, *reading.variant)
         reading.asked.add(position)
         self._advance(reading, position)
         if key not in self._buffer and key in self._in_flight:
@@ -212,8 +212,10 @@ class ReadAhead:
 
     def rest(self, seconds: float) -> None:
         """Stop reading ahead for a while: the service asked for fewer requests (429, 503) or refuses (403)."""
-        logger.info("read-ahead rests for %.0fs: the service is busy or refuses", seconds)
-        self._resting_until = max(self._resting_until, self._clock() + seconds)
+        now = self._clock()
+        if now >= self._resting_until:  # one line when it starts, not one per refused request
+            logger.info("read-ahead rests for %.0fs: the service is busy or refuses", seconds)
+        self._resting_until = max(self._resting_until, now + seconds)
         self._queue.clear()
         for reading in self._readings.values():
             reading.queued.clear()
@@ -230,7 +232,8 @@ class ReadAhead:
     def _reading(self, found: re.Match[str], headers: Headers, client: ClientOrigin) -> Reading | None:
         prefix = found["series"]
         by_frame = found["frame"] is not None
-        key = (prefix, by_frame, answer_variant(headers))
+        variant = answer_variant(headers)
+        key = (prefix, by_frame, variant)
         reading = self._readings.get(key)
         if reading is not None:
             return reading
@@ -239,7 +242,7 @@ class ReadAhead:
             return None
         sent = forwardable(headers)
         sent.popall(REQUEST_ID_HEADER, None)  # the first request's own: the service would see it on every one
-        reading = Reading(series, by_frame, sent, client, window=self._concurrency)
+        reading = Reading(series, by_frame, sent, variant, client, window=self._concurrency)
         self._readings[key] = reading
         return reading
 
@@ -258,7 +261,7 @@ class ReadAhead:
             following = range(max(position, reading.ahead) + 1, end)
             reading.ahead = max(reading.ahead, end - 1)
         for index in following:
-            if index not in reading.asked and index not in reading.queued and self._wanted(reading, index):
+            if index not in reading.asked and index not in reading.queued and self._wanted(reading.key(index)):
                 reading.queued.add(index)
                 self._queue.append((reading, index))
         while self._queue and len(self._workers) < self._concurrency:
@@ -266,22 +269,22 @@ class ReadAhead:
             self._workers.add(worker)
             worker.add_done_callback(self._workers.discard)
 
-    def _wanted(self, reading: Reading, index: int) -> bool:
+    def _wanted(self, key: AnswerKey) -> bool:
         """Whether an item is still to be fetched: not buffered, on its way, or refused a moment ago."""
-        key = answer_key(reading.series.path(index, reading.by_frame), reading.headers)
         return key not in self._in_flight and key not in self._buffer and key not in self._refused
 
     async def _fetch_queued(self) -> None:
         while self._queue:
             reading, index = self._queue.popleft()
             reading.queued.discard(index)
-            if reading.stopped or index in reading.asked or not self._wanted(reading, index):
+            key = reading.key(index)
+            if reading.stopped or index in reading.asked or not self._wanted(key):
                 continue  # the client asked first, or another reading has it
             if self._clock() < self._resting_until or not self._has_room(reading):
                 reading.ahead = min(reading.ahead, index - 1)  # not fetched: the client's next request may queue it
                 continue
             try:
-                await self._fetch_into_buffer(reading, reading.series.path(index, reading.by_frame))
+                await self._fetch_into_buffer(reading, key)
             except asyncio.CancelledError:
                 raise
             except (aiohttp.ClientError, TimeoutError) as exc:  # the client's own request follows
@@ -305,13 +308,12 @@ class ReadAhead:
                     break
         return needed <= 0
 
-    async def _fetch_into_buffer(self, reading: Reading, raw_path: str) -> None:
-        key = answer_key(raw_path, reading.headers)
+    async def _fetch_into_buffer(self, reading: Reading, key: AnswerKey) -> None:
         future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self._in_flight[key] = future
         generation = self._generation
         try:
-            entry = await self._download(reading, raw_path, key)
+            entry = await self._download(reading, key)
             if entry is not None and generation == self._generation:
                 self._buffer[key] = entry
             elif entry is not None:  # cleared meanwhile: kept by nobody
@@ -321,7 +323,7 @@ class ReadAhead:
             if self._in_flight.get(key) is future:
                 del self._in_flight[key]
 
-    async def _download(self, reading: Reading, raw_path: str, key: AnswerKey) -> Buffered | None:
+    async def _download(self, reading: Reading, key: AnswerKey) -> Buffered | None:
         try:
             token = await self._tokens.get()
         except TokenUnavailable:
@@ -331,7 +333,7 @@ class ReadAhead:
             reading.headers, token=token, client_address=client.address, client_scheme=client.scheme,
             client_host=client.host,
         )  # fmt: skip
-        url = upstream_url(self._origin, self._base_path, raw_path)
+        url = upstream_url(self._origin, self._base_path, key[0])
         self.counts.requests += 1
         async with self._session.get(url, headers=headers, allow_redirects=False, proxy=self._proxy) as response:
             if response.status != 200:

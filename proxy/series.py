@@ -149,6 +149,7 @@ class Reading:
     series: Series
     by_frame: bool  # .../frames/n rather than whole instances
     headers: Headers = field(repr=False)  # the first request's, secrets removed: sent again with other paths
+    variant: tuple[str, str]  # its Accept and Accept-Encoding, which every answer of this reading depends on
     client: ClientOrigin
     window: int  # how many items after the client's last one are read ahead
     last: int | None = None
@@ -157,3 +158,7 @@ class Reading:
     queued: set[int] = field(default_factory=set)
     largest: int = 0  # the largest answer read ahead so far: room is kept for one more like it
     stopped: bool = False  # left to the client: an answer too large to buffer, or a series that changed
+
+    def key(self, position: int) -> tuple[str, str, str]:
+        """The buffer's key for the item at `position`: its path and this reading's variant."""
+        return (self.series.path(position, self.by_frame), *self.variant)
