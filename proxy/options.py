@@ -19,6 +19,7 @@ CONFIG_FLAG, CONFIG_ENV = "--config", "DICOM_PROXY_CONFIG"
 # The longest a timeout or grace may be: a day is already more than anyone waits, and far larger values
 # overflow the event loop's clock arithmetic.
 _DAY = 86400.0
+MIB = 1024 * 1024
 
 
 OptionKind = Literal["str", "bool", "list", "float", "int"]
@@ -32,6 +33,8 @@ class Option:
     `flag` is None for a setting that only the environment or the file can give (a secret).
     `negates`: the flag turns a setting that is on by default off (`--no-rewrite`).
     `limits`: for a number, the open lower and closed upper bound (low < value <= high).
+    `bytes_of`: the Settings field in bytes that a number given in MiB feeds (`rewrite_limit_mib` feeds
+    `rewrite_limit`).
     """
 
     name: str
@@ -43,6 +46,7 @@ class Option:
     choices: tuple[str, ...] = ()
     negates: bool = False
     limits: tuple[float, float] = (0.0, 0.0)
+    bytes_of: str | None = None
 
 
 OPTIONS = (
@@ -80,7 +84,7 @@ OPTIONS = (
            "timeout, about 4 minutes)", "float", metavar="SECONDS", limits=(0, _DAY)),
     Option("read_ahead_mib", "--read-ahead-mib", "DICOM_PROXY_READ_AHEAD_MIB",
            "memory for frames fetched ahead of a viewer that reads a series frame by frame (0 turns read-ahead "
-           "off)", "int", metavar="MIB", limits=(-1, 64 * 1024)),
+           "off)", "int", metavar="MIB", limits=(-1, 64 * 1024), bytes_of="read_ahead"),
     Option("read_ahead_requests", "--read-ahead-requests", "DICOM_PROXY_READ_AHEAD_REQUESTS",
            "most requests read-ahead sends the service at once (the viewer's own come on top)", "int", metavar="N",
            limits=(0, 256)),
@@ -93,7 +97,7 @@ OPTIONS = (
            "pass upstream URLs in headers and bodies through unchanged", "bool", negates=True),
     Option("rewrite_limit_mib", "--rewrite-limit", "DICOM_PROXY_REWRITE_LIMIT_MIB",
            "no longer used: bodies of any size are rewritten as they stream (accepted for old configurations)",
-           "float", metavar="MIB", limits=(0, 1024 * 1024)),
+           "float", metavar="MIB", limits=(0, 1024 * 1024), bytes_of="rewrite_limit"),
     Option("dimse_listen", "--dimse-listen", "DICOM_PROXY_DIMSE_LISTEN",
            "where the DIMSE gateway listens for C-ECHO/STORE/FIND/GET/MOVE (off unless given)", metavar="HOST:PORT"),
     Option("dimse_aet", "--dimse-aet", "DICOM_PROXY_DIMSE_AET",

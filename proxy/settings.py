@@ -24,6 +24,7 @@ from .options import (
     DEFAULT_AUDIENCE,
     DEFAULT_DIMSE_AET,
     DEFAULT_DIMSE_PAGE_SIZE,
+    MIB,
     OPTIONS,
     Option,
 )
@@ -130,11 +131,9 @@ def default_text(option: Option) -> str:
     fields = {item.name: item.default for item in dataclasses.fields(Settings)}
     if option.name == "listen":
         return DEFAULT_LISTEN
-    if option.name == "rewrite_limit_mib":
-        return f"{fields['rewrite_limit'] // (1024 * 1024)}"  # type: ignore[operator]
-    if option.name == "read_ahead_mib":
-        return f"{fields['read_ahead'] // (1024 * 1024)}"  # type: ignore[operator]
-    value = fields.get(option.name)
+    value = fields.get(option.name if option.bytes_of is None else option.bytes_of)
+    if option.bytes_of is not None and isinstance(value, int):
+        return str(value // MIB)
     if value is None or value == () or value is dataclasses.MISSING:
         return ""
     if isinstance(value, float) and value.is_integer():

@@ -22,7 +22,7 @@ from yarl import URL
 
 from . import values
 from .errors import ConfigurationError
-from .options import CREDENTIAL_KINDS, DEFAULT_AUDIENCE, DEFAULT_DIMSE_AET, LOG_FORMATS, OPTIONS
+from .options import CREDENTIAL_KINDS, DEFAULT_AUDIENCE, DEFAULT_DIMSE_AET, LOG_FORMATS, MIB, OPTIONS
 
 DEFAULT_LISTEN = "127.0.0.1:8080"
 LOOPBACK_NAMES = ("localhost", "127.0.0.1", "[::1]")
@@ -74,17 +74,16 @@ def _numbers(raw: Mapping[str, Any]) -> dict[str, Any]:
             continue
         low, high = item.limits
         value = values.number(raw[item.name], str(item.flag), whole=item.kind == "int", low=low, high=high)
-        found[item.name] = int(value) if item.kind == "int" else value
+        if item.bytes_of is not None:
+            found[item.bytes_of] = int(value * MIB)
+        else:
+            found[item.name] = int(value) if item.kind == "int" else value
     if "workers" in found:
         if found["workers"] > 1 and not (hasattr(socket, "SO_REUSEPORT") and hasattr(os, "fork")):
             raise ConfigurationError(
                 "--workers: more than 1 needs SO_REUSEPORT and fork, which this platform (Windows, for one) "
                 "lacks; run one process (--workers 1, the default)"
             )
-    if "rewrite_limit_mib" in found:
-        found["rewrite_limit"] = int(found.pop("rewrite_limit_mib") * 1024 * 1024)
-    if "read_ahead_mib" in found:
-        found["read_ahead"] = found.pop("read_ahead_mib") * 1024 * 1024
     return found
 
 

@@ -251,3 +251,14 @@ def test_the_readme_table_and_the_example_file_list_exactly_the_options_there_ar
     keys = set(re.findall(r"^#? ?([a-z_]+) = ", example, flags=re.MULTILINE))
     # The key itself belongs in the environment or a file of its own, never in the example.
     assert keys == {option.name for option in OPTIONS} - {"access_key"}
+
+
+def test_options_given_in_mib_become_bytes_from_each_source(tmp_path):
+    config = tmp_path / "proxy.toml"
+    config.write_text('upstream = "https://ws-svc.dicom.azurehealthcareapis.com"\nrewrite_limit_mib = 0.5\n')
+    settings = settings_from(["--config", str(config), "--read-ahead-mib", "3"])
+    assert settings.read_ahead == 3 * 1024 * 1024
+    assert settings.rewrite_limit == 512 * 1024
+    from_environment = settings_from(["--config", str(config)], {"DICOM_PROXY_READ_AHEAD_MIB": "0"})
+    assert from_environment.read_ahead == 0
+    assert settings_from(["--config", str(config)]).read_ahead == 128 * 1024 * 1024
